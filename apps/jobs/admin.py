@@ -1,0 +1,143 @@
+import uuid
+
+from django.contrib import admin, messages
+from django.db.models import QuerySet
+from django.http import HttpRequest
+from django.utils.html import format_html
+
+from apps.jobs import services
+from apps.jobs.models import Job, JobEvent
+
+
+class JobEventInline(admin.TabularInline):
+    model = JobEvent
+    fields = ["at", "type", "status", "message", "data"]
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+    ordering = ["at", "id"]
+
+    def has_add_permission(self, request: HttpRequest, obj: Job | None = None) -> bool:
+        return False
+
+
+@admin.register(Job)
+class JobAdmin(admin.ModelAdmin):
+    list_display = [
+        "id",
+        "kind",
+        "status",
+        "priority",
+        "progress_bar",
+        "attempts",
+        "owner",
+        "created_at",
+        "dead_lettered",
+    ]
+    list_filter = ["status", "kind", "priority", "dead_lettered", "owner"]
+    search_fields = ["idempotency_key"]
+    list_select_related = ["owner"]
+    inlines = [JobEventInline]
+    actions = ["cancel_jobs", "retry_jobs", "replay_dead_letters"]
+    readonly_fields = [f.name for f in Job._meta.fields] + ["progress_bar"]
+    fieldsets = [
+        (
+            None,
+            {
+                "fields": [
+                    "id",
+                    "kind",
+                    "status",
+                    "priority",
+                    "owner",
+                    "progress_bar",
+                    "progress_message",
+                ]
+            },
+        ),
+        ("Input and outcome", {"fields": ["payload", "result", "error"]}),
+        (
+            "Attempts",
+            {
+                "fields": [
+                    "attempts",
+                    "max_attempts",
+                    "timeout_seconds",
+                    "dead_lettered",
+                    "worker",
+                    "task_id",
+                ]
+            },
+        ),
+        (
+            "Times",
+            {
+                "fields": [
+                    "created_at",
+                    "run_at",
+                    "queued_at",
+                    "started_at",
+                    "finished_at",
+                    "heartbeat_at",
+                ]
+            },
+        ),
+        (
+            "Other",
+            {
+                "fields": [
+                    "idempotency_key",
+                    "callback_url",
+                    "parent",
+                    "runner",
+                    "redispatched_at",
+                ]
+            },
+        ),
+    ]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False  # jobs are submitted through the API, which validates them
+
+    @admin.display(description="progress")
+    def progress_bar(self, job: Job) -> str:
+        return format_html(
+            '<progress value="{}" max="100" title="{}"></progress> {}%',
+            job.progress,
+            job.progress_message,
+            job.progress,
+        )
+
+    def get_search_results(self, request: HttpRequest, queryset: QuerySet, search_term: str) -> tuple[QuerySet, bool]:
+        """Search by job id (exact) as well as by idempotency key."""
+        results, may_have_duplicates = super().get_search_results(request, queryset, search_term)
+        try:
+            job_id = uuid.UUID(search_term.strip())
+        except ValueError:
+            return results, may_have_duplicates
+        return results | queryset.filter(pk=job_id), may_have_duplicates
+
+    def _apply(self, request: HttpRequest, jobs: QuerySet, action, verb: str) -> None:
+        done, refused = 0, []
+        for job in jobs:
+            try:
+                action(job)
+                done += 1
+            except services.JobConflict as exc:
+                refused.append(f"{job.pk}: {exc}")
+        if done:
+            self.message_user(request, f"{verb} {done} job(s).", messages.SUCCESS)
+        if refused:
+            self.message_user(request, "Not changed: " + "; ".join(refused), messages.WARNING)
+
+    @admin.action(description="Cancel selected jobs")
+    def cancel_jobs(self, request: HttpRequest, queryset: QuerySet) -> None:
+        self._apply(request, queryset, services.cancel_job, "Cancelled")
+
+    @admin.action(description="Retry selected jobs (failed, timed out or cancelled)")
+    def retry_jobs(self, request: HttpRequest, queryset: QuerySet) -> None:
+        self._apply(request, queryset, services.retry_job, "Re-queued")
+
+    @admin.action(description="Replay selected dead-lettered jobs")
+    def replay_dead_letters(self, request: HttpRequest, queryset: QuerySet) -> None:
+        self._apply(request, queryset.filter(dead_lettered=True), services.retry_job, "Replayed")

@@ -1,0 +1,39 @@
+from celery import current_app
+from django.db import connection
+from rest_framework.decorators import (
+    api_view,
+    authentication_classes,
+    permission_classes,
+    throttle_classes,
+)
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+
+@api_view(["GET"])
+@authentication_classes([])
+@permission_classes([])
+@throttle_classes([])
+def health(request: Request) -> Response:
+    """200 when the database and broker answer and at least one worker replies to a ping; else 503."""
+    state: dict[str, object] = {}
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+        state["database"] = "ok"
+    except Exception as exc:
+        state["database"] = f"error: {type(exc).__name__}"
+    try:
+        with current_app.connection_for_read() as conn:
+            conn.ensure_connection(max_retries=1, timeout=2)
+        state["broker"] = "ok"
+        replies = current_app.control.ping(timeout=1.0)
+        state["workers"] = sorted(name for reply in replies for name in reply)
+    except Exception as exc:
+        state["broker"] = f"error: {type(exc).__name__}"
+        state["workers"] = []
+    healthy = state["database"] == "ok" and state["broker"] == "ok" and bool(state["workers"])
+    return Response(
+        {"status": "ok" if healthy else "unavailable", **state},
+        status=200 if healthy else 503,
+    )

@@ -1,0 +1,27 @@
+import io
+from typing import Any
+
+from django.conf import settings
+from rest_framework.parsers import JSONParser
+
+from apps.jobs.api.errors import RequestTooLarge
+
+
+class LimitedJSONParser(JSONParser):
+    """JSON with a cap on the body size (DRF reads the stream itself, so Django's own cap never applies)."""
+
+    def parse(
+        self,
+        stream: Any,
+        media_type: str | None = None,
+        parser_context: dict | None = None,
+    ) -> Any:
+        limit = settings.JOBS_MAX_REQUEST_BYTES
+        request = (parser_context or {}).get("request")
+        declared = request.META.get("CONTENT_LENGTH") if request is not None else None
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise RequestTooLarge(f"Request body is larger than {limit} bytes.")
+        body = stream.read(limit + 1) if stream is not None else b""
+        if len(body) > limit:
+            raise RequestTooLarge(f"Request body is larger than {limit} bytes.")
+        return super().parse(io.BytesIO(body), media_type, parser_context)

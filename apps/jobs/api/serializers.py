@@ -1,0 +1,101 @@
+import json
+from typing import Any
+
+from django.conf import settings
+from rest_framework import serializers
+
+from apps.jobs.api.errors import RequestTooLarge
+from apps.jobs.kinds import KINDS
+from apps.jobs.models import Job, JobEvent, Priority
+from apps.jobs.selectors import jobs_visible_to
+
+
+class JobSubmitSerializer(serializers.Serializer):
+    """What a client may say about a new job. The payload is checked against its kind's schema."""
+
+    kind = serializers.ChoiceField(choices=sorted(KINDS))
+    priority = serializers.ChoiceField(choices=Priority.choices, default=Priority.NORMAL)
+    payload = serializers.JSONField()
+    max_attempts = serializers.IntegerField(min_value=1, max_value=25, required=False)
+    timeout_seconds = serializers.IntegerField(min_value=1, required=False)
+    run_at = serializers.DateTimeField(required=False, allow_null=True)
+    idempotency_key = serializers.CharField(max_length=200, required=False, allow_null=True, allow_blank=False)
+    callback_url = serializers.URLField(max_length=500, required=False, allow_blank=True)
+    parent = serializers.UUIDField(required=False, allow_null=True)
+
+    def validate_timeout_seconds(self, value: int) -> int:
+        if value > settings.JOBS_MAX_TIMEOUT_SECONDS:
+            raise serializers.ValidationError(
+                f"Ensure this value is less than or equal to {settings.JOBS_MAX_TIMEOUT_SECONDS}."
+            )
+        return value
+
+    def validate_parent(self, value: Any) -> Job | None:
+        if value is None:
+            return None
+        parent = jobs_visible_to(self.context["request"].user).filter(pk=value).first()
+        if parent is None:
+            raise serializers.ValidationError("No such job.")
+        return parent
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        payload = attrs["payload"]
+        if not isinstance(payload, dict):
+            raise serializers.ValidationError({"payload": ["Expected a JSON object."]})
+        limit = settings.JOBS_MAX_PAYLOAD_BYTES
+        if len(json.dumps(payload, separators=(",", ":"))) > limit:
+            raise RequestTooLarge(f"payload: larger than the limit of {limit} bytes.")
+        schema = KINDS[attrs["kind"]].payload(data=payload)
+        if not schema.is_valid():
+            raise serializers.ValidationError({"payload": schema.errors})
+        attrs["payload"] = dict(schema.validated_data)
+        return attrs
+
+
+class BatchSubmitSerializer(serializers.Serializer):
+    jobs = JobSubmitSerializer(many=True, allow_empty=False)
+
+    def validate_jobs(self, value: list) -> list:
+        if len(value) > settings.JOBS_MAX_BATCH:
+            raise serializers.ValidationError(f"At most {settings.JOBS_MAX_BATCH} jobs per batch.")
+        return value
+
+
+class JobSerializer(serializers.ModelSerializer):
+    owner = serializers.CharField(source="owner.get_username", read_only=True)
+
+    class Meta:
+        model = Job
+        fields = [
+            "id",
+            "kind",
+            "priority",
+            "status",
+            "payload",
+            "result",
+            "error",
+            "progress",
+            "progress_message",
+            "attempts",
+            "max_attempts",
+            "timeout_seconds",
+            "run_at",
+            "idempotency_key",
+            "callback_url",
+            "parent",
+            "dead_lettered",
+            "created_at",
+            "queued_at",
+            "started_at",
+            "finished_at",
+            "worker",
+            "owner",
+        ]
+        read_only_fields = fields
+
+
+class JobEventSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = JobEvent
+        fields = ["at", "type", "status", "message", "data"]
+        read_only_fields = fields

@@ -1,0 +1,257 @@
+"""The only code that changes a job's status.
+
+Every transition is a conditional UPDATE on the row's current status (and, for a running job, on
+the process that runs it), so two actors racing on one job cannot both win; the winner writes the
+transition into the job's timeline in the same transaction. Functions return whether they won.
+"""
+
+from collections.abc import Iterable
+from datetime import timedelta
+from typing import Any
+from uuid import UUID
+
+from django.db import transaction
+from django.db.models import F
+from django.utils import timezone
+
+from apps.jobs.models import ACTIVE_STATUSES, Job, JobEvent, Status
+
+RETRYABLE_FINAL = (Status.FAILED, Status.TIMED_OUT, Status.CANCELLED)
+CLEARED_ATTEMPT = {"runner": "", "heartbeat_at": None}
+
+
+def add_event(job_id: UUID, type: str, status: str, message: str = "", data: dict | None = None) -> JobEvent:
+    return JobEvent.objects.create(
+        job_id=job_id,
+        at=timezone.now(),
+        type=type,
+        status=status,
+        message=message,
+        data=data,
+    )
+
+
+def _transition(
+    job_id: UUID,
+    from_statuses: Iterable[str],
+    to: str,
+    *,
+    event: str,
+    message: str = "",
+    data: dict | None = None,
+    only_if: dict | None = None,
+    **fields: Any,
+) -> bool:
+    with transaction.atomic():
+        won = (
+            Job.objects.filter(pk=job_id, status__in=list(from_statuses), **(only_if or {})).update(status=to, **fields)
+            == 1
+        )
+        if won:
+            add_event(job_id, event, to, message, data)
+    return won
+
+
+def create_jobs(jobs: list[Job]) -> list[Job]:
+    """Insert new jobs (queued, or scheduled when `run_at` is in the future) with their first event."""
+    now = timezone.now()
+    for job in jobs:
+        job.created_at = job.created_at or now
+        if job.run_at and job.run_at > now:
+            job.status = Status.SCHEDULED
+        else:
+            job.status, job.queued_at = Status.QUEUED, now
+    with transaction.atomic():
+        if len(jobs) == 1:
+            jobs[0].save(force_insert=True)
+        else:
+            Job.objects.bulk_create(jobs)
+        JobEvent.objects.bulk_create(
+            JobEvent(job_id=job.id, at=now, type=job.status, status=job.status) for job in jobs
+        )
+    return jobs
+
+
+def claim(job_id: UUID, *, task_id: str, worker: str, runner: str) -> Job | None:
+    """Take a queued (or due retrying) job for this process; None if another claim won or it is not due."""
+    now = timezone.now()
+    with transaction.atomic():
+        won = (
+            Job.objects.filter(pk=job_id, status__in=[Status.QUEUED, Status.RETRYING])
+            .exclude(run_at__gt=now)
+            .update(
+                status=Status.RUNNING,
+                attempts=F("attempts") + 1,
+                started_at=now,
+                finished_at=None,
+                heartbeat_at=now,
+                worker=worker,
+                runner=runner,
+                task_id=task_id,
+                progress=0,
+                progress_message="",
+            )
+            == 1
+        )
+        if not won:
+            return None
+        job = Job.objects.get(pk=job_id)
+        add_event(
+            job_id,
+            "running",
+            Status.RUNNING,
+            f"attempt {job.attempts} on {worker}",
+            {"attempt": job.attempts},
+        )
+    return job
+
+
+def succeed(job: Job, result: Any) -> bool:
+    return _transition(
+        job.pk,
+        [Status.RUNNING],
+        Status.SUCCEEDED,
+        event="succeeded",
+        only_if={"runner": job.runner},
+        result=result,
+        error=None,
+        progress=100,
+        finished_at=timezone.now(),
+        **CLEARED_ATTEMPT,
+    )
+
+
+def fail(job: Job, error_type: str, message: str, *, status: str = Status.FAILED) -> bool:
+    """End a running job as failed or timed out; it goes to the dead-letter queue for replay."""
+    return _transition(
+        job.pk,
+        [Status.RUNNING],
+        status,
+        event=status,
+        message=message,
+        data={"dead_lettered": True, "attempt": job.attempts},
+        only_if={"runner": job.runner},
+        error={"type": error_type, "message": message},
+        dead_lettered=True,
+        finished_at=timezone.now(),
+        **CLEARED_ATTEMPT,
+    )
+
+
+def schedule_retry(job: Job, error_type: str, message: str, delay: float) -> bool:
+    return _transition(
+        job.pk,
+        [Status.RUNNING],
+        Status.RETRYING,
+        event="retrying",
+        message=f"{message} (attempt {job.attempts} of {job.max_attempts}; next in {delay:.1f}s)",
+        data={"attempt": job.attempts, "delay_s": round(delay, 3)},
+        only_if={"runner": job.runner},
+        error={"type": error_type, "message": message},
+        run_at=timezone.now() + timedelta(seconds=delay),
+        **CLEARED_ATTEMPT,
+    )
+
+
+def requeue_interrupted(job: Job, reason: str) -> bool:
+    """Put back a running job whose attempt was cut short by something other than the job itself."""
+    return _transition(
+        job.pk,
+        [Status.RUNNING],
+        Status.QUEUED,
+        event="requeued",
+        message=reason,
+        only_if={"runner": job.runner},
+        queued_at=timezone.now(),
+        redispatched_at=None,
+        **CLEARED_ATTEMPT,
+    )
+
+
+def cancel(job_id: UUID) -> tuple[bool, Job]:
+    """Cancel an unfinished job. Returns (won, job as it was before)."""
+    job = Job.objects.get(pk=job_id)
+    won = _transition(
+        job_id,
+        ACTIVE_STATUSES,
+        Status.CANCELLED,
+        event="cancelled",
+        finished_at=timezone.now(),
+        **CLEARED_ATTEMPT,
+    )
+    return won, job
+
+
+def retry(job_id: UUID) -> bool:
+    """Run a failed, timed-out or cancelled job again from its first attempt (replays a dead letter)."""
+    return _transition(
+        job_id,
+        RETRYABLE_FINAL,
+        Status.QUEUED,
+        event="retried",
+        message="re-queued by request",
+        attempts=0,
+        dead_lettered=False,
+        result=None,
+        error=None,
+        progress=0,
+        progress_message="",
+        run_at=None,
+        queued_at=timezone.now(),
+        started_at=None,
+        finished_at=None,
+        redispatched_at=None,
+        **CLEARED_ATTEMPT,
+    )
+
+
+def promote(job_id: UUID) -> bool:
+    """A scheduled job whose time has come joins its queue."""
+    return _transition(
+        job_id,
+        [Status.SCHEDULED],
+        Status.QUEUED,
+        event="queued",
+        message="scheduled time reached",
+        queued_at=timezone.now(),
+    )
+
+
+def recover_lost(job: Job, reason: str) -> str | None:
+    """Settle a running job whose process is gone: time it out, dead-letter it, or queue it again.
+
+    Returns the status it moved to, or None if the job had moved on meanwhile.
+    """
+    now = timezone.now()
+    if job.started_at and job.started_at + timedelta(seconds=job.timeout_seconds) <= now:
+        status, message = (
+            Status.TIMED_OUT,
+            f"timed out after {job.timeout_seconds}s ({reason})",
+        )
+    elif job.attempts >= job.max_attempts:
+        status, message = (
+            Status.FAILED,
+            f"{reason} on attempt {job.attempts} of {job.max_attempts}",
+        )
+    else:
+        won = requeue_interrupted(job, reason)
+        return Status.QUEUED if won else None
+    error_type = "TimeoutError" if status == Status.TIMED_OUT else "WorkerLost"
+    return status if fail(job, error_type, message, status=status) else None
+
+
+def heartbeat(job: Job) -> bool:
+    """Renew the lease of a running job; False once the job is no longer this process's (e.g. cancelled)."""
+    return (
+        Job.objects.filter(pk=job.pk, status=Status.RUNNING, runner=job.runner).update(heartbeat_at=timezone.now()) == 1
+    )
+
+
+def set_progress(job: Job, percent: int, message: str) -> None:
+    Job.objects.filter(pk=job.pk, status=Status.RUNNING, runner=job.runner).update(
+        progress=percent, progress_message=message[:200]
+    )
+
+
+def mark_redispatched(job_ids: list[UUID]) -> None:
+    Job.objects.filter(pk__in=job_ids).update(redispatched_at=timezone.now())

@@ -1,0 +1,160 @@
+import uuid
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+
+
+class Status(models.TextChoices):
+    SCHEDULED = "scheduled"
+    QUEUED = "queued"
+    RUNNING = "running"
+    RETRYING = "retrying"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    CANCELLED = "cancelled"
+
+
+class Priority(models.TextChoices):
+    LOW = "low"
+    NORMAL = "normal"
+    HIGH = "high"
+    CRITICAL = "critical"
+
+
+class Job(models.Model):
+    """A unit of work; this row, not the broker, is the truth about it.
+
+    State machine (only `apps.jobs.lifecycle` moves a job along it)::
+
+        scheduled --> queued --> running --> succeeded
+                        ^  |        |  \\--> failed     (dead-lettered)
+                        |  |        |   \\-> timed_out  (dead-lettered)
+                        |  |        v
+                        |  |     retrying --> running   (next attempt, after a backoff)
+                        |  v
+          any non-final --> cancelled
+          failed / timed_out / cancelled --(retry, replay)--> queued
+          running --(worker lost, attempts left)--> queued
+
+    `attempts` counts claims, so a job that keeps killing its worker ends dead-lettered.
+    """
+
+    Status = Status
+    Priority = Priority
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="jobs")
+    kind = models.CharField(max_length=32)
+    priority = models.CharField(max_length=8, choices=Priority.choices, default=Priority.NORMAL)
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.QUEUED)
+    payload = models.JSONField(default=dict)
+    result = models.JSONField(null=True, blank=True)
+    error = models.JSONField(null=True, blank=True)
+    progress = models.PositiveSmallIntegerField(default=0)
+    progress_message = models.CharField(max_length=200, blank=True)
+    attempts = models.PositiveIntegerField(default=0)
+    max_attempts = models.PositiveIntegerField(default=3)
+    timeout_seconds = models.PositiveIntegerField(default=300)
+    run_at = models.DateTimeField(null=True, blank=True)
+    # NULL, not "", for "no key": the unique (owner, key) constraint must ignore keyless jobs.
+    idempotency_key = models.CharField(max_length=200, null=True, blank=True)  # noqa: DJ001
+    callback_url = models.URLField(max_length=500, blank=True)
+    parent = models.ForeignKey(
+        "self",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="children",
+    )
+    dead_lettered = models.BooleanField(default=False)
+    created_at = models.DateTimeField()
+    queued_at = models.DateTimeField(null=True, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    worker = models.CharField(max_length=200, blank=True)
+
+    # Bookkeeping of the current attempt, not part of the API.
+    task_id = models.CharField(max_length=64, blank=True)
+    runner = models.CharField(max_length=200, blank=True, help_text="host:pid of the process running the job")
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    redispatched_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [
+            models.Index(fields=["owner", "-created_at"], name="job_owner_created"),
+            models.Index(
+                fields=["owner", "status", "-created_at"],
+                name="job_owner_status_created",
+            ),
+            models.Index(fields=["owner", "kind", "-created_at"], name="job_owner_kind_created"),
+            models.Index(fields=["status", "-created_at"], name="job_status_created"),
+            models.Index(fields=["kind", "-created_at"], name="job_kind_created"),
+            # The reconciler only looks at unfinished jobs; this index stays small however many
+            # finished jobs pile up.
+            models.Index(
+                fields=["status", "queued_at"],
+                name="job_active",
+                condition=Q(
+                    status__in=[
+                        Status.SCHEDULED,
+                        Status.QUEUED,
+                        Status.RUNNING,
+                        Status.RETRYING,
+                    ]
+                ),
+            ),
+            models.Index(
+                fields=["dead_lettered"],
+                name="job_dead_lettered",
+                condition=Q(dead_lettered=True),
+            ),
+        ]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["owner", "idempotency_key"],
+                condition=Q(idempotency_key__isnull=False),
+                name="job_unique_idempotency_key",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.id} ({self.status})"
+
+    @property
+    def is_final(self) -> bool:
+        return self.status in FINAL_STATUSES
+
+
+FINAL_STATUSES = (
+    Job.Status.SUCCEEDED,
+    Job.Status.FAILED,
+    Job.Status.TIMED_OUT,
+    Job.Status.CANCELLED,
+)
+ACTIVE_STATUSES = (
+    Job.Status.SCHEDULED,
+    Job.Status.QUEUED,
+    Job.Status.RUNNING,
+    Job.Status.RETRYING,
+)
+
+
+class JobEvent(models.Model):
+    """One entry of a job's timeline: a transition, or a notable moment within one."""
+
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="events")
+    at = models.DateTimeField()
+    type = models.CharField(max_length=32)
+    status = models.CharField(max_length=10, choices=Job.Status.choices)
+    message = models.TextField(blank=True)
+    data = models.JSONField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["at", "id"]
+        indexes = [models.Index(fields=["job", "at"], name="jobevent_job_at")]
+
+    def __str__(self) -> str:
+        return f"{self.at:%H:%M:%S} {self.type}"

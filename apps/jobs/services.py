@@ -1,0 +1,100 @@
+"""Writes: submitting, cancelling and retrying jobs. Views, the admin and tasks call these."""
+
+from typing import Any
+
+from celery import current_app
+from django.contrib.auth.models import AbstractBaseUser
+from django.db import IntegrityError, transaction
+
+from apps.jobs import lifecycle
+from apps.jobs.dispatch import publish_on_commit
+from apps.jobs.kinds import get_kind
+from apps.jobs.models import Job, Status
+
+
+class JobConflict(Exception):
+    """The job is in a state where the requested action makes no sense."""
+
+
+def build_job(owner: AbstractBaseUser, spec: dict[str, Any]) -> Job:
+    """A new, unsaved Job from validated submission fields, with the kind's defaults filled in."""
+    kind = get_kind(spec["kind"])
+    return Job(
+        owner=owner,
+        kind=kind.name,
+        priority=spec.get("priority") or Job.Priority.NORMAL,
+        payload=spec["payload"],
+        max_attempts=spec.get("max_attempts") or kind.max_attempts,
+        timeout_seconds=spec.get("timeout_seconds") or kind.timeout_seconds,
+        run_at=spec.get("run_at"),
+        idempotency_key=spec.get("idempotency_key") or None,
+        callback_url=spec.get("callback_url") or "",
+        parent=spec.get("parent"),
+    )
+
+
+def submit_job(owner: AbstractBaseUser, spec: dict[str, Any]) -> tuple[Job, bool]:
+    """Create a job and publish it after commit. Returns (job, created): a repeated idempotency key
+    returns the job first submitted with it, and creates nothing."""
+    key = spec.get("idempotency_key")
+    if key and (existing := Job.objects.filter(owner=owner, idempotency_key=key).first()):
+        return existing, False
+    job = build_job(owner, spec)
+    try:
+        with transaction.atomic():
+            lifecycle.create_jobs([job])
+            publish_on_commit([job])
+    except IntegrityError:
+        # Two requests raced with the same key; the other one created it.
+        if key and (existing := Job.objects.filter(owner=owner, idempotency_key=key).first()):
+            return existing, False
+        raise
+    return job, True
+
+
+def submit_batch(owner: AbstractBaseUser, specs: list[dict[str, Any]]) -> list[Job]:
+    """Create every job of an already validated batch in one transaction and publish them together.
+
+    An item whose idempotency key was used before (or earlier in the batch) yields that job instead.
+    """
+    keys = [spec["idempotency_key"] for spec in specs if spec.get("idempotency_key")]
+    known = {job.idempotency_key: job for job in Job.objects.filter(owner=owner, idempotency_key__in=keys)}
+    jobs: list[Job] = []
+    new: list[Job] = []
+    for spec in specs:
+        key = spec.get("idempotency_key")
+        if key and key in known:
+            jobs.append(known[key])
+            continue
+        job = build_job(owner, spec)
+        if key:
+            known[key] = job
+        jobs.append(job)
+        new.append(job)
+    with transaction.atomic():
+        lifecycle.create_jobs(new)
+        publish_on_commit(new)
+    return jobs
+
+
+def cancel_job(job: Job) -> Job:
+    """Cancel a job that has not finished. A running one is stopped: its process is signalled."""
+    won, before = lifecycle.cancel(job.pk)
+    if not won:
+        raise JobConflict(f"a {before.status} job cannot be cancelled")
+    if before.status == Status.RUNNING and before.task_id:
+        # The running process also notices at its next heartbeat, should this broadcast be lost.
+        current_app.control.revoke(before.task_id, terminate=True, signal="SIGTERM")
+    job.refresh_from_db()
+    return job
+
+
+def retry_job(job: Job) -> Job:
+    """Queue a failed, timed-out or cancelled job again (this replays a dead-lettered job)."""
+    with transaction.atomic():
+        if not lifecycle.retry(job.pk):
+            job.refresh_from_db()
+            raise JobConflict(f"a {job.status} job cannot be retried")
+        job.refresh_from_db()
+        publish_on_commit([job])
+    return job

@@ -1,0 +1,209 @@
+"""Conveyor settings: one module, configured by the environment (and an optional `.env` file).
+
+Every value that differs between a laptop, CI and production is read here through django-environ's
+typed readers, which raise on a malformed value instead of guessing.
+"""
+
+from pathlib import Path
+
+import environ
+from django.core.exceptions import ImproperlyConfigured
+from kombu import Exchange, Queue
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+env = environ.Env()
+if (BASE_DIR / ".env").is_file():
+    env.read_env(BASE_DIR / ".env")
+
+DEBUG = env.bool("DEBUG", default=False)
+SECRET_KEY = env.str("SECRET_KEY", default="")
+if not SECRET_KEY:
+    if not DEBUG:
+        raise ImproperlyConfigured("SECRET_KEY must be set when DEBUG is off")
+    SECRET_KEY = "dev-only-insecure-key"  # noqa: S105 (DEBUG only)
+ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["127.0.0.1", "localhost"])
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "rest_framework.authtoken",
+    "django_filters",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
+    "apps.jobs",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "project.urls"
+WSGI_APPLICATION = "project.wsgi.application"
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ]
+        },
+    }
+]
+
+# --- Database -------------------------------------------------------------------------------
+# PostgreSQL (psycopg 3) when DATABASE_URL says so; a SQLite file otherwise. SQLite is shared by
+# the web process and the workers, so it runs in WAL mode, waits instead of failing on a lock, and
+# takes the write lock when a transaction starts (IMMEDIATE) so two writers never deadlock.
+DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{BASE_DIR / 'db.sqlite3'}")}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    DATABASES["default"]["OPTIONS"] = {
+        "transaction_mode": "IMMEDIATE",
+        "timeout": 20,
+        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+    }
+else:
+    DATABASES["default"].setdefault("CONN_MAX_AGE", env.int("DB_CONN_MAX_AGE", default=60))
+    DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# --- Redis and Celery -----------------------------------------------------------------------
+REDIS_URL = env.str("REDIS_URL", default="redis://127.0.0.1:6379/0")
+CACHES = {
+    "default": {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "LOCATION": REDIS_URL,
+    }
+}
+
+CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default=REDIS_URL)
+BROKER_IS_REDIS = CELERY_BROKER_URL.startswith(("redis://", "rediss://", "unix://"))
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_TASK_SERIALIZER = "json"
+CELERY_RESULT_SERIALIZER = "json"
+CELERY_ACCEPT_CONTENT = ["json"]
+# The Job row holds status and result; Celery keeps none.
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_RESULT_BACKEND = None
+# A message is acknowledged only once its job has run, one message is reserved per pool process
+# (so a critical job is not stuck behind prefetched normal ones), and a message whose pool process
+# died is put back on the queue instead of being dropped.
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = True
+CELERY_WORKER_SEND_TASK_EVENTS = True  # for Flower
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+CELERY_TASK_DEFAULT_QUEUE = "default"
+
+JOBS_QUEUES = ("builds", "ai", "messages", "default")
+JOBS_MAX_TIMEOUT_SECONDS = env.int("JOBS_MAX_TIMEOUT_SECONDS", default=3600)
+if BROKER_IS_REDIS:
+    # Redis emulates priorities with one list per step; 0 is served first.
+    # The visibility timeout is deliberately longer than the longest job (plus its retry delay):
+    # Redis would otherwise hand a still-running job's message to a second worker. Lost workers
+    # are detected sooner and independently, by the reconciler, through job heartbeats.
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        "priority_steps": [0, 3, 6, 9],
+        "sep": ":",
+        "queue_order_strategy": "priority",
+        "visibility_timeout": env.int("BROKER_VISIBILITY_TIMEOUT", default=JOBS_MAX_TIMEOUT_SECONDS + 3600),
+    }
+    CELERY_TASK_QUEUES = [Queue(name, Exchange(name), routing_key=name) for name in JOBS_QUEUES]
+else:
+    CELERY_TASK_QUEUES = [
+        Queue(
+            name,
+            Exchange(name),
+            routing_key=name,
+            queue_arguments={"x-max-priority": 9},
+        )
+        for name in JOBS_QUEUES
+    ]
+
+# --- Job platform -----------------------------------------------------------------------------
+# A running job writes a heartbeat every JOBS_HEARTBEAT_SECONDS; one silent for JOBS_LEASE_SECONDS
+# has lost its worker and is run again (or dead-lettered when out of attempts).
+JOBS_HEARTBEAT_SECONDS = env.float("JOBS_HEARTBEAT_SECONDS", default=5.0)
+JOBS_LEASE_SECONDS = env.float("JOBS_LEASE_SECONDS", default=30.0)
+# A queued job not claimed this long after it was queued is published again if its message is gone.
+JOBS_REDISPATCH_GRACE_SECONDS = env.float("JOBS_REDISPATCH_GRACE_SECONDS", default=30.0)
+JOBS_RECONCILE_INTERVAL_SECONDS = env.float("JOBS_RECONCILE_INTERVAL_SECONDS", default=5.0)
+JOBS_RETRY_BASE_SECONDS = env.float("JOBS_RETRY_BASE_SECONDS", default=2.0)
+JOBS_RETRY_MAX_SECONDS = env.float("JOBS_RETRY_MAX_SECONDS", default=600.0)
+JOBS_PROGRESS_MIN_INTERVAL_SECONDS = env.float("JOBS_PROGRESS_MIN_INTERVAL_SECONDS", default=0.5)
+# Seconds between the soft time limit (the job is told and marked timed_out) and the hard kill.
+JOBS_HARD_TIMEOUT_GRACE_SECONDS = env.int("JOBS_HARD_TIMEOUT_GRACE_SECONDS", default=10)
+JOBS_MAX_PAYLOAD_BYTES = env.int("JOBS_MAX_PAYLOAD_BYTES", default=1024 * 1024)
+JOBS_MAX_REQUEST_BYTES = env.int("JOBS_MAX_REQUEST_BYTES", default=32 * 1024 * 1024)
+JOBS_MAX_BATCH = env.int("JOBS_MAX_BATCH", default=10_000)
+JOBS_SUBMIT_RATE = env.str("JOBS_SUBMIT_RATE", default="600/min")
+JOBS_READ_RATE = env.str("JOBS_READ_RATE", default="6000/min")
+
+CELERY_BEAT_SCHEDULE = {
+    "reconcile-jobs": {
+        "task": "conveyor.reconcile",
+        "schedule": JOBS_RECONCILE_INTERVAL_SECONDS,
+        "options": {
+            "queue": "default",
+            "priority": 0,
+            "expires": JOBS_RECONCILE_INTERVAL_SECONDS * 2,
+        },
+    },
+}
+
+# --- REST API ---------------------------------------------------------------------------------
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "rest_framework.authentication.TokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_PARSER_CLASSES": ["apps.jobs.api.parsers.LimitedJSONParser"],
+    "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "EXCEPTION_HANDLER": "apps.jobs.api.errors.exception_handler",
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Conveyor API",
+    "DESCRIPTION": "Durable jobs on Celery: submit, watch, cancel, retry.",
+    "VERSION": "0.1.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+}
+
+# --- Static files, i18n, logging -------------------------------------------------------------
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "staticfiles"
+WHITENOISE_USE_FINDERS = True
+WHITENOISE_AUTOREFRESH = DEBUG
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+LOG_LEVEL = env.str("LOG_LEVEL", default="INFO")
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": LOG_LEVEL},
+}

@@ -1,0 +1,149 @@
+"""Fixtures: users and API clients, and a real Celery worker (a separate process) on the test database.
+
+Tests that need the worker must use `django_db(transaction=True)`: the worker is another process
+and only sees committed rows.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from celery import current_app
+from django.conf import settings
+from django.contrib.auth.models import User
+from django.core.cache import cache
+from django.db import connection
+from rest_framework.authtoken.models import Token
+from rest_framework.test import APIClient
+
+from apps.jobs.models import FINAL_STATUSES, Job
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_for(condition: Callable[[], object], timeout: float = 20, interval: float = 0.05, what: str = "") -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
+
+
+def wait_final(job_id: object, timeout: float = 20) -> Job:
+    return wait_for(
+        lambda: (job := Job.objects.get(pk=job_id)).status in FINAL_STATUSES and job,
+        timeout,
+        what=f"job {job_id} to finish",
+    )
+
+
+class WorkerProcess:
+    """`celery worker` (prefork, 2 processes) in its own process group, against the test database."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.env = env
+        self.log_path = log_path
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.node = f"test-{time.monotonic_ns()}@%h"
+        log = open(self.log_path, "ab")  # noqa: SIM115 (the child keeps it)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "project", "worker", "-P", "prefork", "-c", "2", "-n", self.node,
+             "-Q", ",".join(settings.JOBS_QUEUES), "-l", "INFO", "--without-gossip", "--without-mingle"],
+            cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        wait_for(self._answers, timeout=30, interval=0.2, what="the worker to answer a ping")
+
+    def _answers(self) -> bool:
+        if self.proc is None or self.proc.poll() is not None:
+            raise AssertionError(f"worker exited; see {self.log_path}")
+        return bool(current_app.control.ping(timeout=0.3))
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.proc = None
+
+    def kill(self) -> None:
+        """SIGKILL the worker and its pool processes: what a lost machine looks like."""
+        assert self.proc
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        self.proc = None
+
+    def ensure_running(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            self.start()
+
+
+@pytest.fixture(scope="session")
+def process_env(django_db_setup: None, django_db_blocker: object, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The environment for worker and beat processes: the test settings, pointed at the test database."""
+    db = connection.settings_dict
+    url = f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
+    return {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "project.test_settings",
+        "DATABASE_URL": url,
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+@pytest.fixture(scope="session")
+def _worker_process(process_env: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
+    redis.Redis.from_url(settings.CELERY_BROKER_URL).flushdb()
+    worker = WorkerProcess(process_env, tmp_path_factory.mktemp("worker") / "worker.log")
+    worker.start()
+    yield worker
+    worker.stop()
+
+
+@pytest.fixture
+def worker(_worker_process: WorkerProcess, transactional_db: None) -> WorkerProcess:
+    _worker_process.ensure_running()
+    return _worker_process
+
+
+@pytest.fixture(autouse=True)
+def _clear_cache() -> None:
+    cache.clear()  # throttling counters
+
+
+@pytest.fixture
+def user(db: None) -> User:
+    return User.objects.create_user("alice", password="pw-alice")
+
+
+@pytest.fixture
+def other_user(db: None) -> User:
+    return User.objects.create_user("bob", password="pw-bob")
+
+
+def client_for(user: User) -> APIClient:
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=user).key}")
+    return client
+
+
+@pytest.fixture
+def api(user: User) -> APIClient:
+    return client_for(user)
+
+
+@pytest.fixture
+def other_api(other_user: User) -> APIClient:
+    return client_for(other_user)

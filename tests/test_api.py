@@ -1,0 +1,231 @@
+"""The REST contract: what a client sees for good and bad requests. No worker needed here: these
+tests run inside a transaction that never commits, so nothing is published."""
+
+import json
+
+import pytest
+from django.contrib.auth.models import User
+from rest_framework.test import APIClient
+
+from apps.jobs.models import Job, JobEvent
+from tests.conftest import client_for
+
+pytestmark = pytest.mark.django_db
+
+ECHO = {"kind": "echo", "payload": {"message": "hello"}}
+CONTRACT_FIELDS = {
+    "id", "kind", "priority", "status", "payload", "result", "error", "progress", "progress_message", "attempts",
+    "max_attempts", "timeout_seconds", "run_at", "idempotency_key", "callback_url", "parent", "dead_lettered",
+    "created_at", "queued_at", "started_at", "finished_at", "worker", "owner",
+}  # fmt: skip
+
+
+def test_a_submitted_job_is_stored_queued_with_the_kinds_defaults(api: APIClient, user: User) -> None:
+    response = api.post("/api/jobs/", ECHO, format="json")
+
+    assert response.status_code == 201
+    body = response.json()
+    assert set(body) == CONTRACT_FIELDS
+    assert body["status"] == "queued"
+    assert body["priority"] == "normal"
+    assert body["payload"] == {"message": "hello", "sleep_ms": 0, "fail_times": 0, "progress_steps": 0}
+    assert body["owner"] == "alice"
+    job = Job.objects.get(pk=body["id"])
+    assert (job.owner, job.max_attempts, job.timeout_seconds) == (user, 3, 60)
+    assert list(job.events.values_list("type", flat=True)) == ["queued"]
+
+
+def test_a_job_with_a_future_run_at_is_scheduled(api: APIClient) -> None:
+    response = api.post("/api/jobs/", {**ECHO, "run_at": "2999-01-01T00:00:00Z"}, format="json")
+
+    assert response.status_code == 201
+    assert response.json()["status"] == "scheduled"
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"kind": "nope", "payload": {}}, "kind"),
+        ({"payload": {"message": "x"}}, "kind"),
+        ({"kind": "echo"}, "payload"),
+        ({"kind": "echo", "payload": []}, "payload"),
+        ({"kind": "echo", "payload": {"message": "x"}, "priority": "urgent"}, "priority"),
+        ({"kind": "echo", "payload": {"message": "x"}, "max_attempts": 0}, "max_attempts"),
+        ({"kind": "echo", "payload": {"message": "x"}, "timeout_seconds": 10**9}, "timeout_seconds"),
+        ({"kind": "echo", "payload": {"message": "x"}, "callback_url": "not a url"}, "callback_url"),
+        ({"kind": "echo", "payload": {"message": "x"}, "run_at": "tomorrow"}, "run_at"),
+        ({"kind": "echo", "payload": {"message": "x"}, "parent": "00000000-0000-0000-0000-000000000000"}, "parent"),
+    ],
+)
+def test_an_invalid_submission_is_a_400_naming_the_field(api: APIClient, body: dict, field: str) -> None:
+    response = api.post("/api/jobs/", body, format="json")
+
+    assert response.status_code == 400
+    assert field in response.json()
+    assert Job.objects.count() == 0
+
+
+def test_payload_errors_name_the_payload_field(api: APIClient) -> None:
+    response = api.post("/api/jobs/", {"kind": "echo", "payload": {"sleep_ms": -1, "colour": "red"}}, format="json")
+
+    assert response.status_code == 400
+    errors = response.json()["payload"]
+    assert set(errors) >= {"message", "sleep_ms"}
+
+
+def test_an_unknown_payload_field_is_refused(api: APIClient) -> None:
+    response = api.post("/api/jobs/", {"kind": "echo", "payload": {"message": "x", "sleep": 5}}, format="json")
+
+    assert response.status_code == 400
+    assert response.json() == {"payload": {"sleep": ["Unknown field."]}}
+
+
+def test_malformed_json_is_a_400(api: APIClient) -> None:
+    response = api.post("/api/jobs/", '{"kind": "echo", ', content_type="application/json")
+
+    assert response.status_code == 400
+    assert "JSON parse error" in response.json()["detail"]
+
+
+def test_a_payload_over_one_mebibyte_is_a_413(api: APIClient) -> None:
+    big = {"kind": "echo", "payload": {"message": "x" * (1024 * 1024)}}
+
+    response = api.post("/api/jobs/", json.dumps(big), content_type="application/json")
+
+    assert response.status_code == 413
+    assert Job.objects.count() == 0
+
+
+def test_a_request_over_the_body_limit_is_a_413(api: APIClient, settings: object) -> None:
+    settings.JOBS_MAX_REQUEST_BYTES = 1000
+
+    response = api.post("/api/jobs/", {**ECHO, "payload": {"message": "x" * 2000}}, format="json")
+
+    assert response.status_code == 413
+
+
+def test_requests_without_a_valid_token_are_401(user: User) -> None:
+    assert APIClient().get("/api/jobs/").status_code == 401
+    bad = APIClient()
+    bad.credentials(HTTP_AUTHORIZATION="Token not-a-real-token")
+    assert bad.get("/api/jobs/").status_code == 401
+    assert bad.post("/api/jobs/", ECHO, format="json").status_code == 401
+
+
+def test_a_user_never_sees_or_touches_another_users_job(api: APIClient, other_api: APIClient) -> None:
+    job_id = api.post("/api/jobs/", ECHO, format="json").json()["id"]
+
+    assert other_api.get(f"/api/jobs/{job_id}/").status_code == 404
+    assert other_api.get(f"/api/jobs/{job_id}/events/").status_code == 404
+    assert other_api.post(f"/api/jobs/{job_id}/cancel/").status_code == 404
+    assert other_api.post(f"/api/jobs/{job_id}/retry/").status_code == 404
+    assert other_api.get("/api/jobs/").json()["results"] == []
+    assert Job.objects.get(pk=job_id).status == "queued"
+
+
+def test_staff_see_every_users_jobs(api: APIClient) -> None:
+    job_id = api.post("/api/jobs/", ECHO, format="json").json()["id"]
+    staff = client_for(User.objects.create_user("ops", is_staff=True))
+
+    assert staff.get(f"/api/jobs/{job_id}/").status_code == 200
+
+
+def test_a_repeated_idempotency_key_returns_the_first_job(api: APIClient, other_api: APIClient) -> None:
+    first = api.post("/api/jobs/", ECHO, format="json", HTTP_IDEMPOTENCY_KEY="order-42")
+    again = api.post(
+        "/api/jobs/", {**ECHO, "payload": {"message": "different"}}, format="json", HTTP_IDEMPOTENCY_KEY="order-42"
+    )
+    in_body = api.post("/api/jobs/", {**ECHO, "idempotency_key": "order-42"}, format="json")
+    someone_else = other_api.post("/api/jobs/", ECHO, format="json", HTTP_IDEMPOTENCY_KEY="order-42")
+
+    assert first.status_code == 201
+    assert again.status_code == 200
+    assert in_body.status_code == 200
+    assert again.json()["id"] == in_body.json()["id"] == first.json()["id"]
+    assert again.json()["payload"]["message"] == "hello"
+    assert someone_else.status_code == 201  # keys are per user
+    assert Job.objects.count() == 2
+
+
+def test_the_list_filters_and_pages_with_a_cursor(api: APIClient) -> None:
+    for i in range(5):
+        api.post("/api/jobs/", {**ECHO, "priority": "high" if i % 2 else "low"}, format="json")
+
+    page = api.get("/api/jobs/", {"limit": 2}).json()
+    assert set(page) == {"next", "previous", "results"}
+    assert len(page["results"]) == 2
+    seen = [job["id"] for job in page["results"]]
+    while page["next"]:
+        page = api.get(page["next"]).json()
+        seen += [job["id"] for job in page["results"]]
+    assert len(set(seen)) == 5
+
+    high = api.get("/api/jobs/", {"priority": "high"}).json()["results"]
+    assert len(high) == 2
+    assert api.get("/api/jobs/", {"status": "queued", "kind": "echo"}).json()["results"].__len__() == 5
+    assert api.get("/api/jobs/", {"dead_lettered": "true"}).json()["results"] == []
+    assert api.get("/api/jobs/", {"status": "bogus"}).status_code == 400
+
+
+def test_a_batch_is_all_created_or_none(api: APIClient) -> None:
+    good = api.post("/api/jobs/batch/", {"jobs": [ECHO, {**ECHO, "priority": "critical"}]}, format="json")
+    assert good.status_code == 201
+    assert [job["priority"] for job in good.json()["jobs"]] == ["normal", "critical"]
+    assert Job.objects.count() == 2
+    assert JobEvent.objects.count() == 2
+
+    bad = api.post("/api/jobs/batch/", {"jobs": [ECHO, {"kind": "echo", "payload": {}}]}, format="json")
+    assert bad.status_code == 400
+    assert bad.json()["jobs"]["1"]["payload"] == {"message": ["This field is required."]}
+    assert api.post("/api/jobs/batch/", {"jobs": []}, format="json").status_code == 400
+    assert Job.objects.count() == 2
+
+
+def test_a_batch_over_the_limit_is_refused(api: APIClient, settings: object) -> None:
+    settings.JOBS_MAX_BATCH = 3
+
+    response = api.post("/api/jobs/batch/", {"jobs": [ECHO] * 4}, format="json")
+
+    assert response.status_code == 400
+    assert "jobs" in response.json()
+
+
+def test_submissions_are_throttled_per_user(api: APIClient, settings: object) -> None:
+    settings.JOBS_SUBMIT_RATE = "2/min"
+
+    codes = [api.post("/api/jobs/", ECHO, format="json").status_code for _ in range(3)]
+
+    assert codes == [201, 201, 429]
+    assert api.get("/api/jobs/").status_code == 200  # reads have their own budget
+
+
+def test_a_finished_job_cannot_be_cancelled_and_a_queued_one_cannot_be_retried(api: APIClient) -> None:
+    job_id = api.post("/api/jobs/", ECHO, format="json").json()["id"]
+    Job.objects.filter(pk=job_id).update(status=Job.Status.SUCCEEDED)
+
+    assert api.post(f"/api/jobs/{job_id}/cancel/").status_code == 409
+    Job.objects.filter(pk=job_id).update(status=Job.Status.QUEUED)
+    response = api.post(f"/api/jobs/{job_id}/retry/")
+    assert response.status_code == 409
+    assert "queued" in response.json()["detail"]
+
+
+def test_cancelling_a_scheduled_job_records_it(api: APIClient) -> None:
+    job_id = api.post("/api/jobs/", {**ECHO, "run_at": "2999-01-01T00:00:00Z"}, format="json").json()["id"]
+
+    response = api.post(f"/api/jobs/{job_id}/cancel/")
+
+    assert response.status_code == 200
+    assert response.json()["status"] == "cancelled"
+    events = api.get(f"/api/jobs/{job_id}/events/").json()
+    assert [e["type"] for e in events] == ["scheduled", "cancelled"]
+    assert set(events[0]) == {"at", "type", "status", "message", "data"}
+
+
+def test_the_openapi_schema_and_docs_are_served(api: APIClient) -> None:
+    schema = api.get("/api/schema/", HTTP_ACCEPT="application/json")
+    assert schema.status_code == 200
+    assert "/api/jobs/batch/" in schema.json()["paths"]
+    docs = api.get("/api/docs/")
+    assert docs.status_code == 200
+    assert b"swagger" in docs.content.lower()
