@@ -1,0 +1,48 @@
+"""A private Redis server for the test session (loaded with `-p tests.redis_plugin`).
+
+The suite flushes its broker (one test runs FLUSHALL), so it must not share a server with anything
+else. Importing this module, which pytest does before Django reads its settings, starts
+`redis-server` on a free port and points REDIS_URL at it; the worker processes the tests start
+inherit that. Set TEST_REDIS_URL to use an existing (throwaway) server instead.
+"""
+
+import atexit
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start() -> str:
+    if url := os.environ.get("TEST_REDIS_URL"):
+        return url
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("the tests need redis-server (apt-get install redis-server) or TEST_REDIS_URL")
+    port = _free_port()
+    workdir = tempfile.mkdtemp(prefix="conveyor-test-redis-")
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--maxmemory-policy", "noeviction", "--dir", workdir],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    atexit.register(lambda: (proc.kill(), proc.wait()))
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    return f"redis://127.0.0.1:{port}/0"
+
+
+os.environ["REDIS_URL"] = _start()
+os.environ.pop("CELERY_BROKER_URL", None)
