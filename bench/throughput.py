@@ -1,0 +1,194 @@
+"""Conveyor against raw Celery on the same Redis, PostgreSQL and worker (`make bench`).
+
+Prints each figure with its ratio to the reference. Submission goes through the real API view
+(in-process Django test client: the view, serializers, bulk insert and publish, without HTTP).
+Uses its own PostgreSQL database (BENCH_DATABASE_URL) and Redis database (BENCH_REDIS_URL),
+both emptied first.
+"""
+
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.update(
+    DJANGO_SETTINGS_MODULE="project.settings",
+    SECRET_KEY=os.environ.get("SECRET_KEY", "bench-only"),
+    DATABASE_URL=os.environ.get("BENCH_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/conveyor_bench"),
+    REDIS_URL=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14"),
+    JOBS_SUBMIT_RATE="1000000/min",
+    ALLOWED_HOSTS="testserver",
+    LOG_LEVEL="WARNING",
+)
+os.environ.pop("CELERY_BROKER_URL", None)
+
+import django  # noqa: E402
+
+django.setup()
+
+import redis  # noqa: E402
+from celery import current_app  # noqa: E402
+from django.conf import settings  # noqa: E402
+from django.contrib.auth.models import User  # noqa: E402
+from django.core.management import call_command  # noqa: E402
+from django.db import connection  # noqa: E402
+from rest_framework.authtoken.models import Token  # noqa: E402
+from rest_framework.test import APIClient  # noqa: E402
+
+from apps.jobs.models import Job, JobEvent  # noqa: E402
+from bench.raw import noop  # noqa: E402
+
+N = int(os.environ.get("BENCH_N", "5000"))
+BACKLOG = int(os.environ.get("BENCH_BACKLOG", "10000"))
+R = redis.Redis.from_url(settings.REDIS_URL)
+
+
+def ensure_database() -> None:
+    name = connection.settings_dict["NAME"]
+    try:
+        connection.ensure_connection()
+    except Exception:
+        subprocess.run(["psql", "-h", "127.0.0.1", "-U", "postgres", "-c", f"CREATE DATABASE {name}"], check=True)
+    call_command("migrate", verbosity=0)
+
+
+def reset() -> None:
+    JobEvent.objects.all().delete()
+    Job.objects.all().delete()
+    R.flushdb()
+
+
+def start_worker() -> subprocess.Popen:
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "project", "worker", "-P", "prefork", "-c", "2", "-l", "WARNING",
+         "-Q", ",".join(settings.JOBS_QUEUES), "--include", "bench.raw", "--without-gossip", "--without-mingle"],
+        cwd=ROOT, env=os.environ.copy(),
+    )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while not current_app.control.ping(timeout=0.5):
+        if time.monotonic() > deadline:
+            raise SystemExit("worker did not start")
+    return worker
+
+
+def wait(condition, timeout: float = 600, interval: float = 0.01) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise SystemExit("timed out")
+        time.sleep(interval)
+
+
+def raw_throughput() -> tuple[float, float]:
+    R.set("bench:done", 0)
+    start = time.perf_counter()
+    for _ in range(N):
+        noop.apply_async(queue="default", priority=6)
+    published = time.perf_counter()
+    wait(lambda: int(R.get("bench:done") or 0) >= N)
+    drained = time.perf_counter()
+    return N / (published - start), N / (drained - start)
+
+
+def conveyor_throughput(api: APIClient) -> tuple[float, float]:
+    body = {"jobs": [{"kind": "echo", "payload": {"message": "m"}}] * N}
+    start = time.perf_counter()
+    response = api.post("/api/jobs/batch/", body, format="json")
+    accepted = time.perf_counter()
+    assert response.status_code == 201, response.content[:500]
+    wait(lambda: Job.objects.filter(status=Job.Status.SUCCEEDED).count() >= N, interval=0.05)
+    done = time.perf_counter()
+    return N / (accepted - start), N / (done - start)
+
+
+def raw_pickup(samples: int = 200) -> float:
+    tag = "pickup"
+    for _ in range(samples):
+        sent = time.time()
+        noop.apply_async(args=[sent, 0, tag], queue="default", priority=6)
+        wait(lambda sent=sent: R.hexists(f"bench:started:{tag}", str(sent)), interval=0.001)
+    started = R.hgetall(f"bench:started:{tag}")
+    return statistics.median(float(v) - float(k) for k, v in started.items()) * 1000
+
+
+def conveyor_pickup(api: APIClient, samples: int = 200) -> float:
+    latencies = []
+    for _ in range(samples):
+        job_id = api.post("/api/jobs/", {"kind": "echo", "payload": {"message": "m"}}, format="json").json()["id"]
+        wait(lambda job_id=job_id: Job.objects.filter(pk=job_id, started_at__isnull=False).exists(), interval=0.001)
+        job = Job.objects.get(pk=job_id)
+        latencies.append((job.started_at - job.created_at).total_seconds())
+        wait(lambda job_id=job_id: Job.objects.filter(pk=job_id, status=Job.Status.SUCCEEDED).exists())
+    return statistics.median(latencies) * 1000
+
+
+def raw_priority() -> float:
+    for _ in range(BACKLOG):
+        noop.apply_async(args=[0, 5], queue="default", priority=6)
+    time.sleep(0.5)
+    sent = time.time()
+    noop.apply_async(args=[sent, 0, "prio"], queue="default", priority=0)
+    wait(lambda: R.hexists("bench:started:prio", str(sent)), interval=0.001)
+    started = float(R.hget("bench:started:prio", str(sent)))
+    R.delete("default", *[f"default:{p}" for p in (0, 3, 6, 9)])  # drop the rest of the backlog
+    return (started - sent) * 1000
+
+
+def conveyor_priority(api: APIClient) -> float:
+    normal = {"kind": "echo", "payload": {"message": "n", "sleep_ms": 5}}
+    for _ in range(BACKLOG // 5000 or 1):
+        assert api.post("/api/jobs/batch/", {"jobs": [normal] * min(BACKLOG, 5000)}, format="json").status_code == 201
+    time.sleep(0.5)
+    response = api.post(
+        "/api/jobs/", {"kind": "echo", "priority": "critical", "payload": {"message": "c"}}, format="json"
+    )
+    job_id = response.json()["id"]
+    wait(lambda: Job.objects.filter(pk=job_id, started_at__isnull=False).exists(), interval=0.001)
+    job = Job.objects.get(pk=job_id)
+    return (job.started_at - job.created_at).total_seconds() * 1000
+
+
+def row(name: str, conveyor: float, raw: float, unit: str, target: str) -> None:
+    print(
+        f"{name:<34} conveyor {conveyor:>9.1f} {unit:<7} raw celery {raw:>9.1f} {unit:<7} ratio {conveyor / raw:5.2f}  ({target})"
+    )
+
+
+def main() -> None:
+    ensure_database()
+    reset()
+    user, _ = User.objects.get_or_create(username="bench")
+    api = APIClient()
+    api.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.get_or_create(user=user)[0].key}")
+    worker = start_worker()
+    try:
+        raw_publish, raw_e2e = raw_throughput()
+        sub, e2e = conveyor_throughput(api)
+        reset()
+        Token.objects.get_or_create(user=user)
+        raw_p50 = raw_pickup()
+        p50 = conveyor_pickup(api)
+        raw_prio = raw_priority()
+        reset()
+        prio = conveyor_priority(api)
+    finally:
+        worker.terminate()
+        worker.wait(30)
+        reset()
+    print(
+        f"\n{N} jobs, backlog {BACKLOG}, worker: prefork -c 2, broker {settings.CELERY_BROKER_URL}, db {connection.vendor}"
+    )
+    row("end-to-end (jobs/s)", e2e, raw_e2e, "/s", "target ratio >= 0.6")
+    row("submission (jobs/s)", sub, raw_publish, "/s", "target ratio >= 2")
+    row("pickup p50 (ms)", p50, raw_p50, "ms", "target ratio <= 2, aim < 10 ms")
+    print(
+        f"{'critical behind backlog (ms)':<34} conveyor {prio:>9.1f} ms      raw celery {raw_prio:>9.1f} ms      (target conveyor <= 50 ms)"
+    )
+
+
+if __name__ == "__main__":
+    main()
