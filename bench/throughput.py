@@ -154,7 +154,8 @@ def conveyor_priority(api: APIClient) -> float:
 
 def row(name: str, conveyor: float, raw: float, unit: str, target: str) -> None:
     print(
-        f"{name:<34} conveyor {conveyor:>9.1f} {unit:<7} raw celery {raw:>9.1f} {unit:<7} ratio {conveyor / raw:5.2f}  ({target})"
+        f"{name:<30} conveyor {conveyor:>8.1f} {unit:<3} raw celery {raw:>8.1f} {unit:<3} "
+        f"ratio {conveyor / raw:5.2f}  ({target})"
     )
 
 
@@ -180,13 +181,15 @@ def main() -> None:
         worker.wait(30)
         reset()
     print(
-        f"\n{N} jobs, backlog {BACKLOG}, worker: prefork -c 2, broker {settings.CELERY_BROKER_URL}, db {connection.vendor}"
+        f"\n{N} jobs, backlog {BACKLOG}, worker prefork -c 2, "
+        f"broker {settings.CELERY_BROKER_URL}, db {connection.vendor}"
     )
-    row("end-to-end (jobs/s)", e2e, raw_e2e, "/s", "target ratio >= 0.6")
-    row("submission (jobs/s)", sub, raw_publish, "/s", "target ratio >= 2")
-    row("pickup p50 (ms)", p50, raw_p50, "ms", "target ratio <= 2, aim < 10 ms")
+    row("end-to-end", e2e, raw_e2e, "/s", "target ratio >= 0.6")
+    row("submission", sub, raw_publish, "/s", "target ratio >= 2")
+    row("pickup p50", p50, raw_p50, "ms", "target ratio <= 2, aim < 10 ms")
     print(
-        f"{'critical behind backlog (ms)':<34} conveyor {prio:>9.1f} ms      raw celery {raw_prio:>9.1f} ms      (target conveyor <= 50 ms)"
+        f"{'critical behind backlog':<30} conveyor {prio:>8.1f} ms  raw celery {raw_prio:>8.1f} ms  "
+        "(target: conveyor <= 50 ms)"
     )
 
 

@@ -192,6 +192,7 @@ def take_over(job_id: str, *, task_id: str, worker: str, runner: str) -> Job | N
 
 def run(job_id: str, *, task_id: str, worker: str) -> str | None:
     """Run one attempt of a job. Returns the status it ended in, or None if it was not ours to run."""
+    close_old_connections()
     runner = runner_id()
     job = lifecycle.claim(job_id, task_id=task_id, worker=worker, runner=runner) or take_over(
         job_id, task_id=task_id, worker=worker, runner=runner
