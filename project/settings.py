@@ -159,6 +159,9 @@ JOBS_MAX_REQUEST_BYTES = env.int("JOBS_MAX_REQUEST_BYTES", default=32 * 1024 * 1
 JOBS_MAX_BATCH = env.int("JOBS_MAX_BATCH", default=10_000)
 JOBS_SUBMIT_RATE = env.str("JOBS_SUBMIT_RATE", default="600/min")
 JOBS_READ_RATE = env.str("JOBS_READ_RATE", default="6000/min")
+# Hosts that job callbacks may call (exact names; "*" for any). Empty: callbacks are refused.
+CALLBACK_ALLOWED_HOSTS = env.list("CALLBACK_ALLOWED_HOSTS", default=[])
+CALLBACK_TIMEOUT_SECONDS = env.float("CALLBACK_TIMEOUT_SECONDS", default=10.0)
 
 CELERY_BEAT_SCHEDULE = {
     "reconcile-jobs": {

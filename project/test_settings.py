@@ -11,6 +11,7 @@ os.environ.setdefault("JOBS_REDISPATCH_GRACE_SECONDS", "1")
 os.environ.setdefault("JOBS_RETRY_BASE_SECONDS", "0.2")
 os.environ.setdefault("JOBS_RETRY_MAX_SECONDS", "1")
 os.environ.setdefault("JOBS_HARD_TIMEOUT_GRACE_SECONDS", "3")
+os.environ.setdefault("CALLBACK_ALLOWED_HOSTS", "127.0.0.1")
 
 from project.settings import *  # noqa: F403
 

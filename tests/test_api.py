@@ -53,6 +53,7 @@ def test_a_job_with_a_future_run_at_is_scheduled(api: APIClient) -> None:
         ({"kind": "echo", "payload": {"message": "x"}, "max_attempts": 0}, "max_attempts"),
         ({"kind": "echo", "payload": {"message": "x"}, "timeout_seconds": 10**9}, "timeout_seconds"),
         ({"kind": "echo", "payload": {"message": "x"}, "callback_url": "not a url"}, "callback_url"),
+        ({"kind": "echo", "payload": {"message": "x"}, "callback_url": "http://10.0.0.1/hook"}, "callback_url"),
         ({"kind": "echo", "payload": {"message": "x"}, "run_at": "tomorrow"}, "run_at"),
         ({"kind": "echo", "payload": {"message": "x"}, "parent": "00000000-0000-0000-0000-000000000000"}, "parent"),
     ],

@@ -10,6 +10,7 @@ from celery import current_app
 from django.conf import settings
 from django.db import transaction
 
+from apps.jobs.callbacks import DELIVER_CALLBACK
 from apps.jobs.kinds import get_kind
 from apps.jobs.models import Job, Priority
 
@@ -76,3 +77,13 @@ def publish_on_commit(jobs: Sequence[Job]) -> None:
     jobs = [job for job in jobs if job.status == Job.Status.QUEUED]
     if jobs:
         transaction.on_commit(lambda: publish_safely(jobs))
+
+
+def publish_callback_on_commit(job: Job) -> None:
+    """Once the job's final state is committed, have a worker POST it to the job's callback URL."""
+    if job.callback_url:
+        transaction.on_commit(
+            lambda: current_app.send_task(
+                DELIVER_CALLBACK, args=[str(job.pk)], queue="default", priority=broker_priority(Priority.HIGH)
+            )
+        )

@@ -15,6 +15,7 @@ from django.db.models import F, QuerySet
 from django.db.models.sql.subqueries import UpdateQuery
 from django.utils import timezone
 
+from apps.jobs.dispatch import publish_callback_on_commit
 from apps.jobs.models import ACTIVE_STATUSES, Job, JobEvent, Status
 
 RETRYABLE_FINAL = (Status.FAILED, Status.TIMED_OUT, Status.CANCELLED)
@@ -133,7 +134,7 @@ def claim(job_id: UUID, *, task_id: str, worker: str, runner: str) -> Job | None
 
 
 def succeed(job: Job, result: Any) -> bool:
-    return _transition(
+    won = _transition(
         job.pk,
         [Status.RUNNING],
         Status.SUCCEEDED,
@@ -145,11 +146,14 @@ def succeed(job: Job, result: Any) -> bool:
         finished_at=timezone.now(),
         **CLEARED_ATTEMPT,
     )
+    if won:
+        publish_callback_on_commit(job)
+    return won
 
 
 def fail(job: Job, error_type: str, message: str, *, status: str = Status.FAILED) -> bool:
     """End a running job as failed or timed out; it goes to the dead-letter queue for replay."""
-    return _transition(
+    won = _transition(
         job.pk,
         [Status.RUNNING],
         status,
@@ -162,6 +166,9 @@ def fail(job: Job, error_type: str, message: str, *, status: str = Status.FAILED
         finished_at=timezone.now(),
         **CLEARED_ATTEMPT,
     )
+    if won:
+        publish_callback_on_commit(job)
+    return won
 
 
 def schedule_retry(job: Job, error_type: str, message: str, delay: float) -> bool:
@@ -205,6 +212,8 @@ def cancel(job_id: UUID) -> tuple[bool, Job]:
         finished_at=timezone.now(),
         **CLEARED_ATTEMPT,
     )
+    if won:
+        publish_callback_on_commit(job)
     return won, job
 
 

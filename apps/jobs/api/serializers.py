@@ -5,6 +5,7 @@ from django.conf import settings
 from rest_framework import serializers
 
 from apps.jobs.api.errors import RequestTooLarge
+from apps.jobs.callbacks import host_allowed
 from apps.jobs.kinds import KINDS
 from apps.jobs.models import Job, JobEvent, Priority
 from apps.jobs.selectors import jobs_visible_to
@@ -28,6 +29,11 @@ class JobSubmitSerializer(serializers.Serializer):
             raise serializers.ValidationError(
                 f"Ensure this value is less than or equal to {settings.JOBS_MAX_TIMEOUT_SECONDS}."
             )
+        return value
+
+    def validate_callback_url(self, value: str) -> str:
+        if value and not host_allowed(value):
+            raise serializers.ValidationError("Callbacks to this host are not allowed (see CALLBACK_ALLOWED_HOSTS).")
         return value
 
     def validate_parent(self, value: Any) -> Job | None:
