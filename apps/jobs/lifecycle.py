@@ -33,22 +33,16 @@ def add_event(job_id: UUID, type: str, status: str, message: str = "", data: dic
     )
 
 
-def _event_row(job_id_sql: str, type: str, status: str, message: str, data: dict | None) -> tuple[str, list]:
-    """SQL (and params) of a SELECT producing one JobEvent row per row of `moved`."""
-    data_field = JobEvent._meta.get_field("data")
-    at_field = JobEvent._meta.get_field("at")
-    params = [at_field.get_db_prep_value(timezone.now(), connection), type, status, message]
-    params.append(data_field.get_db_prep_value(data, connection))
-    return f"SELECT {job_id_sql}, %s, %s, %s, %s, %s FROM moved", params  # noqa: S608 (a column name)
-
-
 def _update_sql(queryset: QuerySet[Job], fields: dict[str, Any]) -> tuple[str, tuple]:
+    """The UPDATE that `queryset.update(**fields)` would run, as SQL and params (what QuerySet.update does)."""
     query = queryset.query.chain(UpdateQuery)
     query.add_update_values(fields)
     return query.get_compiler(queryset.db).as_sql()
 
 
-EVENT_COLUMNS = "INSERT INTO jobs_jobevent (job_id, at, type, status, message, data) "
+# On PostgreSQL a transition is one statement: `WITH moved AS (UPDATE ... RETURNING ...)` followed by
+# this INSERT of the timeline entry, selected from `moved` (so it exists only if the update won).
+INSERT_EVENT = f"INSERT INTO {JobEvent._meta.db_table} (job_id, at, type, status, message, data) "
 
 
 def _transition(
@@ -66,10 +60,14 @@ def _transition(
     if connection.vendor == "postgresql":
         # One statement (update and timeline entry) instead of four round trips: this is the hot path.
         update, update_params = _update_sql(queryset, {"status": to, **fields})
-        select, event_params = _event_row("id", event, to, message, data)
-        sql = f"WITH moved AS ({update} RETURNING id) {EVENT_COLUMNS}{select}"
+        at = JobEvent._meta.get_field("at").get_db_prep_value(timezone.now(), connection)
+        data_param = JobEvent._meta.get_field("data").get_db_prep_value(data, connection)
+        sql = (
+            f"WITH moved AS ({update} RETURNING id) {INSERT_EVENT}"  # noqa: S608 (ORM-compiled SQL)
+            "SELECT id, %s, %s, %s, %s, %s FROM moved"
+        )
         with connection.cursor() as cursor:
-            cursor.execute(sql, [*update_params, *event_params])
+            cursor.execute(sql, [*update_params, at, event, to, message, data_param])
             return cursor.rowcount == 1
     with transaction.atomic():
         won = queryset.update(status=to, **fields) == 1
@@ -119,7 +117,7 @@ def claim(job_id: UUID, *, task_id: str, worker: str, runner: str) -> Job | None
         update, update_params = _update_sql(queryset, fields)
         at = JobEvent._meta.get_field("at").get_db_prep_value(now, connection)
         sql = (
-            f"WITH moved AS ({update} RETURNING *), event AS ({EVENT_COLUMNS}"  # noqa: S608 (ORM-compiled SQL)
+            f"WITH moved AS ({update} RETURNING *), event AS ({INSERT_EVENT}"  # noqa: S608 (ORM-compiled SQL)
             "SELECT id, %s, %s, %s, 'attempt ' || attempts || ' on ' || worker, "
             "jsonb_build_object('attempt', attempts) FROM moved) SELECT * FROM moved"
         )
