@@ -1,10 +1,12 @@
-"""The test suite's override: real PostgreSQL and Redis, short leases and backoffs."""
+"""The test suite's override: real PostgreSQL, short leases and backoffs.
+
+REDIS_URL is set before this runs, by tests/redis_plugin.py (a private redis-server).
+"""
 
 import os
 
 os.environ.setdefault("SECRET_KEY", "test-only-secret-key")
 os.environ.setdefault("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/conveyor")
-os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6379/15")  # the suite starts its own (tests/redis_plugin.py)
 os.environ.setdefault("JOBS_HEARTBEAT_SECONDS", "0.5")
 os.environ.setdefault("JOBS_LEASE_SECONDS", "3")
 os.environ.setdefault("JOBS_REDISPATCH_GRACE_SECONDS", "1")

@@ -83,10 +83,18 @@ def publish_on_commit(jobs: Sequence[Job]) -> None:
 
 
 def publish_callback_on_commit(job: Job) -> None:
-    """Once the job's final state is committed, have a worker POST it to the job's callback URL."""
+    """Once the job's final state is committed, have a worker POST it to the job's callback URL.
+
+    A broker failure is logged, not raised: the job's outcome is already committed and stays readable.
+    """
     if job.callback_url:
-        transaction.on_commit(
-            lambda: current_app.send_task(
-                DELIVER_CALLBACK, args=[str(job.pk)], queue="default", priority=broker_priority(Priority.HIGH)
-            )
+        transaction.on_commit(lambda: _publish_callback(job))
+
+
+def _publish_callback(job: Job) -> None:
+    try:
+        current_app.send_task(
+            DELIVER_CALLBACK, args=[str(job.pk)], queue="default", priority=broker_priority(Priority.HIGH)
         )
+    except Exception:
+        log.exception("could not publish the callback of job %s", job.pk)

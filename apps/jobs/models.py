@@ -69,6 +69,7 @@ class Job(models.Model):
         blank=True,
         on_delete=models.SET_NULL,
         related_name="children",
+        db_index=False,  # the partial index job_parent below serves it
     )
     dead_lettered = models.BooleanField(default=False)
     created_at = models.DateTimeField()
