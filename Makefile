@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell sha1sum requirements.txt | cut -c1-12)
+# The tools that build/test/lint jobs run (pytest, ruff, build), apart from the platform's own packages.
+TOOLCHAIN := .toolchain
+TOOLCHAIN_STAMP := $(TOOLCHAIN)/.installed-$(shell sha1sum requirements-jobs.txt | cut -c1-12)
 
 .PHONY: venv run test lint fmt bench clean
 
@@ -12,7 +15,13 @@ $(STAMP): requirements.txt
 	rm -f $(VENV)/.installed-*
 	touch $@
 
-venv: $(STAMP)
+$(TOOLCHAIN_STAMP): requirements-jobs.txt
+	test -x $(TOOLCHAIN)/bin/python || $(PYTHON) -m venv $(TOOLCHAIN)
+	$(TOOLCHAIN)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-jobs.txt
+	rm -f $(TOOLCHAIN)/.installed-*
+	touch $@
+
+venv: $(STAMP) $(TOOLCHAIN_STAMP)
 
 run: venv
 	./deploy/run-local.sh
@@ -32,4 +41,4 @@ bench: venv
 	$(PY) bench/throughput.py
 
 clean:
-	rm -rf $(VENV) .run staticfiles
+	rm -rf $(VENV) $(TOOLCHAIN) .run staticfiles

@@ -163,6 +163,35 @@ JOBS_READ_RATE = env.str("JOBS_READ_RATE", default="6000/min")
 CALLBACK_ALLOWED_HOSTS = env.list("CALLBACK_ALLOWED_HOSTS", default=[])
 CALLBACK_TIMEOUT_SECONDS = env.float("CALLBACK_TIMEOUT_SECONDS", default=10.0)
 
+# --- Build, test and lint jobs ---------------------------------------------------------------
+# How job commands are confined: "bwrap" (bubblewrap: own PID and network namespaces, read-only
+# system, only the work directory writable, as an unprivileged user), "rlimit" (a process group with
+# resource limits, no namespaces), or "auto" (bwrap when it is installed).
+JOB_SANDBOX = env.str("JOB_SANDBOX", default="auto")
+if JOB_SANDBOX not in ("auto", "bwrap", "rlimit"):
+    raise ImproperlyConfigured("JOB_SANDBOX must be auto, bwrap or rlimit")
+# The virtualenv whose python, pytest, ruff and build the jobs run (`make` creates it).
+JOB_TOOLCHAIN = Path(env.str("JOB_TOOLCHAIN", default=str(BASE_DIR / ".toolchain")))
+JOB_WORK_ROOT = env.str("JOB_WORK_ROOT", default="") or None  # None: the system's temp directory
+# Programs a job's custom `command` may start (by bare name, looked up on the sandbox's PATH).
+JOB_COMMAND_ALLOWLIST = env.list("JOB_COMMAND_ALLOWLIST", default=["python", "pytest", "ruff", "make"])
+# URL schemes a git source may use. "file" reads repositories on the worker's own disk.
+JOB_GIT_SCHEMES = env.list("JOB_GIT_SCHEMES", default=["https"])
+JOB_SANDBOX_USER = env.int("JOB_SANDBOX_USER", default=65534)  # nobody, when the worker runs as root
+JOB_SOURCE_MAX_FILES = env.int("JOB_SOURCE_MAX_FILES", default=10_000)
+JOB_SOURCE_MAX_BYTES = env.int("JOB_SOURCE_MAX_BYTES", default=200 * 1024 * 1024)  # unpacked
+UPLOAD_MAX_BYTES = env.int("UPLOAD_MAX_BYTES", default=50 * 1024 * 1024)
+JOB_LOG_MAX_BYTES = env.int("JOB_LOG_MAX_BYTES", default=1024 * 1024)
+JOB_ARTIFACTS_MAX_FILES = env.int("JOB_ARTIFACTS_MAX_FILES", default=100)
+JOB_ARTIFACTS_MAX_BYTES = env.int("JOB_ARTIFACTS_MAX_BYTES", default=200 * 1024 * 1024)
+# Per-process limits inside the sandbox.
+JOB_MEMORY_BYTES = env.int("JOB_MEMORY_BYTES", default=4 * 1024**3)
+JOB_FILE_BYTES = env.int("JOB_FILE_BYTES", default=512 * 1024**2)
+JOB_MAX_PROCESSES = env.int("JOB_MAX_PROCESSES", default=256)
+
+MEDIA_ROOT = Path(env.str("MEDIA_ROOT", default=str(BASE_DIR / "media")))  # uploads and artifacts
+MEDIA_URL = "media/"  # never served directly: downloads go through the API's permission checks
+
 CELERY_BEAT_SCHEDULE = {
     "reconcile-jobs": {
         "task": "conveyor.reconcile",

@@ -4,6 +4,7 @@ REDIS_URL is set before this runs, by tests/redis_plugin.py (a private redis-ser
 """
 
 import os
+import tempfile
 
 os.environ.setdefault("SECRET_KEY", "test-only-secret-key")
 os.environ.setdefault("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/conveyor")
@@ -14,6 +15,8 @@ os.environ.setdefault("JOBS_RETRY_BASE_SECONDS", "0.2")
 os.environ.setdefault("JOBS_RETRY_MAX_SECONDS", "1")
 os.environ.setdefault("JOBS_HARD_TIMEOUT_GRACE_SECONDS", "3")
 os.environ.setdefault("CALLBACK_ALLOWED_HOSTS", "127.0.0.1")
+os.environ.setdefault("JOB_GIT_SCHEMES", "https,file")
+os.environ.setdefault("MEDIA_ROOT", os.path.join(tempfile.gettempdir(), "conveyor-test-media"))
 
 from project.settings import *  # noqa: F403
 

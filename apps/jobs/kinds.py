@@ -4,9 +4,17 @@ The API validates payloads here, without importing worker code; `tasks/` maps ea
 handler by the same name.
 """
 
+import re
 from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
 
+from django.conf import settings
+from django.core.exceptions import ValidationError as DjangoValidationError
 from rest_framework import serializers
+
+from apps.jobs.archives import ArchiveError, check_files, check_relative_path
+from apps.jobs.models import Upload
 
 
 class PayloadSerializer(serializers.Serializer):
@@ -24,6 +32,106 @@ class EchoPayload(PayloadSerializer):
     sleep_ms = serializers.IntegerField(min_value=0, max_value=3_600_000, default=0)
     fail_times = serializers.IntegerField(min_value=0, max_value=100, default=0)
     progress_steps = serializers.IntegerField(min_value=0, max_value=1_000, default=0)
+
+
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# A git ref as `git fetch` takes it: a branch, tag, full ref or commit; never an option.
+GIT_REF = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_./@+-]{0,199}")
+
+
+class SourceField(serializers.Field):
+    """SOURCE: exactly one of `{"files": {path: text}}`, `{"upload": id}`, `{"git": {"url", "ref"}}`."""
+
+    default_error_messages = {"invalid": "Expected an object with exactly one of 'files', 'upload', 'git'."}
+
+    def to_internal_value(self, data: Any) -> dict:
+        if not isinstance(data, dict) or len(data) != 1 or next(iter(data)) not in ("files", "upload", "git"):
+            self.fail("invalid")
+        ((form, value),) = data.items()
+        return {form: getattr(self, f"_{form}")(value)}
+
+    def to_representation(self, value: dict) -> dict:
+        return value
+
+    def _files(self, files: Any) -> dict[str, str]:
+        if not isinstance(files, dict) or not files or not all(isinstance(v, str) for v in files.values()):
+            raise serializers.ValidationError({"files": ["Expected a non-empty object of path -> text."]})
+        try:
+            check_files(files)
+        except ArchiveError as exc:
+            raise serializers.ValidationError({"files": [str(exc)]}) from exc
+        return files
+
+    def _upload(self, upload_id: Any) -> str:
+        request = self.context.get("request")
+        uploads = Upload.objects.filter(owner=request.user) if request else Upload.objects.none()
+        try:
+            found = uploads.filter(pk=str(upload_id)).exists()
+        except DjangoValidationError:  # not a UUID
+            found = False
+        if not found:
+            raise serializers.ValidationError({"upload": ["No such upload."]})
+        return str(upload_id)
+
+    def _git(self, git: Any) -> dict[str, str]:
+        if not isinstance(git, dict) or set(git) - {"url", "ref"} or not isinstance(git.get("url"), str):
+            raise serializers.ValidationError({"git": ['Expected {"url", "ref"}.']})
+        url, ref = git["url"], git.get("ref", "HEAD")
+        parts = urlsplit(url)
+        schemes = settings.JOB_GIT_SCHEMES
+        if parts.scheme not in schemes:
+            raise serializers.ValidationError(
+                {"git": {"url": [f"The URL scheme must be one of: {', '.join(schemes)}."]}}
+            )
+        if parts.username or parts.password:
+            raise serializers.ValidationError({"git": {"url": ["Credentials in the URL are not accepted."]}})
+        if parts.scheme != "file" and not parts.hostname:
+            raise serializers.ValidationError({"git": {"url": ["The URL has no host."]}})
+        if not isinstance(ref, str) or not GIT_REF.fullmatch(ref) or ".." in ref:
+            raise serializers.ValidationError({"git": {"ref": ["Not a valid branch, tag or commit name."]}})
+        return {"url": url, "ref": ref}
+
+
+class ToolPayload(PayloadSerializer):
+    """build / test / lint: a source tree, and optionally the command, its environment and artifact globs."""
+
+    source = SourceField()
+    command = serializers.ListField(
+        child=serializers.CharField(max_length=4096, allow_blank=True, trim_whitespace=False),
+        min_length=1,
+        max_length=256,
+        required=False,
+    )
+    env = serializers.DictField(
+        child=serializers.CharField(max_length=16_384, allow_blank=True, trim_whitespace=False),
+        required=False,
+        default=dict,
+    )
+    artifacts = serializers.ListField(child=serializers.CharField(max_length=500), max_length=50, required=False)
+
+    def validate_command(self, argv: list[str]) -> list[str]:
+        allowed = settings.JOB_COMMAND_ALLOWLIST
+        if argv[0] not in allowed:
+            raise serializers.ValidationError(
+                f"{argv[0]!r} is not an allowed program; allowed: {', '.join(allowed)} (by bare name)."
+            )
+        return argv
+
+    def validate_env(self, env: dict[str, str]) -> dict[str, str]:
+        if len(env) > 100:
+            raise serializers.ValidationError("At most 100 variables.")
+        bad = sorted(name for name in env if not ENV_NAME.fullmatch(name))
+        if bad:
+            raise serializers.ValidationError(f"Not valid variable names: {', '.join(bad)}.")
+        return env
+
+    def validate_artifacts(self, patterns: list[str]) -> list[str]:
+        for pattern in patterns:
+            try:
+                check_relative_path(pattern)
+            except ArchiveError as exc:
+                raise serializers.ValidationError(f"{exc} (patterns are relative to the source tree)") from exc
+        return patterns
 
 
 @dataclass(frozen=True)
@@ -44,6 +152,12 @@ KINDS: dict[str, Kind] = {
             payload=EchoPayload,
             max_attempts=3,
             timeout_seconds=60,
+        ),
+        # A tool's verdict (failing tests, lint findings) is a result, never retried; the attempts
+        # are for what is passing: a git host that did not answer, a lost worker.
+        *(
+            Kind(name, queue="builds", payload=ToolPayload, max_attempts=2, timeout_seconds=600)
+            for name in ("build", "test", "lint")
         ),
     )
 }

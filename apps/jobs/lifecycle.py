@@ -15,6 +15,7 @@ from django.db.models import F, QuerySet
 from django.db.models.sql.subqueries import UpdateQuery
 from django.utils import timezone
 
+from apps.jobs import live
 from apps.jobs.dispatch import publish_callback_on_commit
 from apps.jobs.models import ACTIVE_STATUSES, Job, JobEvent, Status
 
@@ -45,6 +46,11 @@ def _update_sql(queryset: QuerySet[Job], fields: dict[str, Any]) -> tuple[str, t
 INSERT_EVENT = f"INSERT INTO {JobEvent._meta.db_table} (job_id, at, type, status, message, data) "
 
 
+def _announce(job_id: UUID, status: str, message: str = "") -> None:
+    """Tell live subscribers (SSE streams) once the transition is committed."""
+    transaction.on_commit(lambda: live.publish(job_id, {"type": "status", "status": status, "message": message}))
+
+
 def _transition(
     job_id: UUID,
     from_statuses: Iterable[str],
@@ -68,11 +74,14 @@ def _transition(
         )
         with connection.cursor() as cursor:
             cursor.execute(sql, [*update_params, at, event, to, message, data_param])
-            return cursor.rowcount == 1
-    with transaction.atomic():
-        won = queryset.update(status=to, **fields) == 1
-        if won:
-            add_event(job_id, event, to, message, data)
+            won = cursor.rowcount == 1
+    else:
+        with transaction.atomic():
+            won = queryset.update(status=to, **fields) == 1
+            if won:
+                add_event(job_id, event, to, message, data)
+    if won:
+        _announce(job_id, to, message)
     return won
 
 
@@ -122,12 +131,17 @@ def claim(job_id: UUID, *, task_id: str, worker: str, runner: str) -> Job | None
             "jsonb_build_object('attempt', attempts) FROM moved) SELECT * FROM moved"
         )
         claimed = list(Job.objects.raw(sql, [*update_params, at, "running", Status.RUNNING]))
-        return claimed[0] if claimed else None
-    with transaction.atomic():
-        if queryset.update(**fields) != 1:
-            return None
-        job = Job.objects.get(pk=job_id)
-        add_event(job_id, "running", Status.RUNNING, f"attempt {job.attempts} on {worker}", {"attempt": job.attempts})
+        job = claimed[0] if claimed else None
+    else:
+        with transaction.atomic():
+            if queryset.update(**fields) != 1:
+                return None
+            job = Job.objects.get(pk=job_id)
+            add_event(
+                job_id, "running", Status.RUNNING, f"attempt {job.attempts} on {worker}", {"attempt": job.attempts}
+            )
+    if job is not None:
+        _announce(job_id, Status.RUNNING, f"attempt {job.attempts} on {worker}")
     return job
 
 
@@ -281,9 +295,10 @@ def heartbeat(job: Job) -> bool:
 
 
 def set_progress(job: Job, percent: int, message: str) -> None:
-    Job.objects.filter(pk=job.pk, status=Status.RUNNING, runner=job.runner).update(
+    if Job.objects.filter(pk=job.pk, status=Status.RUNNING, runner=job.runner).update(
         progress=percent, progress_message=message[:200]
-    )
+    ):
+        live.publish(job.pk, {"type": "progress", "progress": percent, "message": message[:200]})
 
 
 def mark_redispatched(job_ids: list[UUID]) -> None:

@@ -160,3 +160,66 @@ class JobEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.at:%H:%M:%S} {self.type}"
+
+
+class LogChunk(models.Model):
+    """A piece of a job's output log. `offset` is where it starts, in bytes of UTF-8, within the log."""
+
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="log_chunks", db_index=False)
+    offset = models.BigIntegerField()
+    text = models.TextField()
+
+    class Meta:
+        ordering = ["offset"]
+        constraints = [models.UniqueConstraint(fields=["job", "offset"], name="logchunk_job_offset")]
+
+    def __str__(self) -> str:
+        return f"{self.job_id} @{self.offset}"
+
+
+def upload_path(upload: "Upload", filename: str) -> str:
+    return f"uploads/{upload.owner_id}/{upload.id}.{upload.format}"
+
+
+class Upload(models.Model):
+    """A source archive (tar.gz or zip) a user uploaded, checked when it arrived; jobs refer to it by id."""
+
+    class Format(models.TextChoices):
+        TAR_GZ = "tar.gz"
+        ZIP = "zip"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
+    file = models.FileField(upload_to=upload_path, max_length=300)
+    name = models.CharField(max_length=255, blank=True)
+    format = models.CharField(max_length=8, choices=Format.choices)
+    size = models.BigIntegerField()
+    sha256 = models.CharField(max_length=64)
+    files = models.IntegerField()
+    unpacked_size = models.BigIntegerField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return f"{self.name or self.id} ({self.size} bytes)"
+
+
+def artifact_path(artifact: "Artifact", filename: str) -> str:
+    return f"artifacts/{artifact.job_id}/{artifact.sha256}/{filename}"
+
+
+class Artifact(models.Model):
+    """A file a build produced, kept after its work directory is gone. `name` is its path in the tree."""
+
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="artifacts", db_index=False)
+    name = models.CharField(max_length=500)
+    file = models.FileField(upload_to=artifact_path, max_length=700)
+    size = models.BigIntegerField()
+    sha256 = models.CharField(max_length=64)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [models.UniqueConstraint(fields=["job", "name"], name="artifact_job_name")]
+
+    def __str__(self) -> str:
+        return self.name

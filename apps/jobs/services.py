@@ -1,15 +1,17 @@
 """Writes: submitting, cancelling and retrying jobs. Views, the admin and tasks call these."""
 
+import hashlib
 from typing import Any
 
 from celery import current_app
 from django.contrib.auth.models import AbstractBaseUser
+from django.core.files.uploadedfile import UploadedFile
 from django.db import IntegrityError, transaction
 
-from apps.jobs import lifecycle
+from apps.jobs import archives, lifecycle
 from apps.jobs.dispatch import publish_on_commit
 from apps.jobs.kinds import get_kind
-from apps.jobs.models import Job, Status
+from apps.jobs.models import Job, Status, Upload
 
 
 class JobConflict(Exception):
@@ -98,3 +100,23 @@ def retry_job(job: Job) -> Job:
         job.refresh_from_db()
         publish_on_commit([job])
     return job
+
+
+def save_upload(owner: AbstractBaseUser, file: UploadedFile) -> Upload:
+    """Check a source archive (ArchiveError says why it is refused) and keep it for jobs to use."""
+    info = archives.inspect(file)
+    digest = hashlib.sha256()
+    for block in file.chunks():
+        digest.update(block)
+    file.seek(0)
+    upload = Upload(
+        owner=owner,
+        name=(file.name or "")[:255],
+        format=info.format,
+        size=file.size,
+        sha256=digest.hexdigest(),
+        files=info.files,
+        unpacked_size=info.unpacked_size,
+    )
+    upload.file.save(f"{upload.id}.{info.format}", file, save=True)
+    return upload

@@ -51,7 +51,7 @@ class JobSubmitSerializer(serializers.Serializer):
         limit = settings.JOBS_MAX_PAYLOAD_BYTES
         if len(json.dumps(payload, separators=(",", ":"))) > limit:
             raise RequestTooLarge(f"payload: larger than the limit of {limit} bytes.")
-        schema = KINDS[attrs["kind"]].payload(data=payload)
+        schema = KINDS[attrs["kind"]].payload(data=payload, context=self.context)
         if not schema.is_valid():
             raise serializers.ValidationError({"payload": schema.errors})
         attrs["payload"] = dict(schema.validated_data)

@@ -1,0 +1,63 @@
+"""The `lint` kind: ruff (by default `ruff check --output-format json`), its findings as diagnostics."""
+
+import json
+from collections import Counter
+from pathlib import PurePosixPath
+from typing import Any
+
+from apps.jobs.errors import PermanentError
+from apps.jobs.models import Job
+from tasks.toolrun import ToolRun, tool_run
+from tasks.types import Report
+
+DEFAULT_COMMAND = ["ruff", "check", "--output-format", "json"]
+MAX_DIAGNOSTICS = 1000
+
+
+def handle(job: Job, report: Report) -> dict[str, Any]:
+    with tool_run(job, report) as run:
+        findings = run.workspace.out / "ruff.json"
+        # Through the environment, any ruff the command starts writes JSON to the report file.
+        code = run.run(
+            run.command or DEFAULT_COMMAND,
+            env={
+                "RUFF_OUTPUT_FORMAT": "json",
+                "RUFF_OUTPUT_FILE": run.workspace.inner(findings),
+                "RUFF_NO_CACHE": "true",
+            },
+        )
+        try:
+            raw = json.loads(findings.read_text()) if findings.is_file() else None
+        except ValueError:
+            raw = None
+        if not isinstance(raw, list):
+            raise PermanentError(f"the lint command exited with {code} without a ruff report; see the log")
+        diagnostics = [diagnostic(item, run) for item in raw]
+        for d in diagnostics:
+            run.log.line(f"{d['path']}:{d['line']}:{d['column']}: {d['code']} {d['message']}")
+        run.log.line(f"[conveyor] {len(diagnostics)} diagnostics")
+        result = {
+            "outcome": "clean" if not diagnostics else "issues",
+            "exit_code": code,
+            "count": len(diagnostics),
+            "diagnostics": diagnostics[:MAX_DIAGNOSTICS],
+            "by_code": dict(Counter(d["code"] for d in diagnostics).most_common()),
+        }
+        if job.payload.get("artifacts"):
+            result["artifacts"] = run.collect_artifacts(job.payload["artifacts"])
+        return result
+
+
+def diagnostic(item: dict, run: ToolRun) -> dict[str, Any]:
+    path = item.get("filename") or ""
+    src = run.workspace.inner(run.workspace.src)
+    if PurePosixPath(path).is_relative_to(src):
+        path = PurePosixPath(path).relative_to(src).as_posix()
+    location = item.get("location") or {}
+    return {
+        "path": path,
+        "line": location.get("row"),
+        "column": location.get("column"),
+        "code": item.get("code") or "syntax-error",
+        "message": item.get("message", ""),
+    }

@@ -1,0 +1,88 @@
+"""The `test` kind: pytest (by default `python -m pytest`) with its JUnit XML read into counts.
+
+(Not `tasks/test.py`: tools would take that for a test module.)
+"""
+
+from pathlib import Path
+from typing import Any
+
+import defusedxml.ElementTree as ET
+from defusedxml.common import DefusedXmlException
+
+from apps.jobs.models import Job
+from tasks.toolrun import tool_run
+from tasks.types import Report
+
+DEFAULT_COMMAND = ["python", "-m", "pytest"]
+MAX_FAILURES = 50
+MAX_REPORT_BYTES = 50 * 1024 * 1024
+
+
+def handle(job: Job, report: Report) -> dict[str, Any]:
+    with tool_run(job, report) as run:
+        junit = run.workspace.out / "junit.xml"
+        # Through PYTEST_ADDOPTS every pytest the command starts writes the report, `make test` too.
+        # xunit1 records each test's file, from which its pytest node id is rebuilt.
+        addopts = f"--junitxml={run.workspace.inner(junit)} -o junit_family=xunit1 -p no:cacheprovider"
+        user = job.payload.get("env", {}).get("PYTEST_ADDOPTS", "")
+        code = run.run(run.command or DEFAULT_COMMAND, env={"PYTEST_ADDOPTS": f"{user} {addopts}".strip()})
+        result = {"outcome": "passed" if code == 0 else "failed", "exit_code": code, **read_junit(junit)}
+        if job.payload.get("artifacts"):
+            result["artifacts"] = run.collect_artifacts(job.payload["artifacts"])
+        run.log.line(summary(result))
+        return result
+
+
+def read_junit(path: Path) -> dict[str, Any]:
+    """Counts as pytest reports them, from its JUnit XML; None for each when there is no report."""
+    empty = dict.fromkeys(("tests", "passed", "failed", "errors", "skipped", "duration_s"))
+    if not path.is_file() or path.stat().st_size > MAX_REPORT_BYTES:
+        return {**empty, "failures": []}
+    try:
+        root = ET.parse(path).getroot()
+    except (ET.ParseError, DefusedXmlException):
+        return {**empty, "failures": []}
+    suites = [root] if root.tag == "testsuite" else root.findall("testsuite")
+    counts = dict.fromkeys(("tests", "failures", "errors", "skipped"), 0)
+    duration = 0.0
+    passed = 0
+    failures = []
+    for suite in suites:
+        for name in counts:
+            counts[name] += int(suite.get(name, 0))
+        duration += float(suite.get("time", 0))
+        for case in suite.iter("testcase"):
+            problems = [child for child in case if child.tag in ("failure", "error")]
+            if not problems and case.find("skipped") is None:
+                passed += 1
+            for problem in problems:
+                if len(failures) < MAX_FAILURES:
+                    failures.append({"test": node_id(case), "message": (problem.get("message") or "")[:2000]})
+    return {
+        "tests": counts["tests"],
+        "passed": passed,
+        "failed": counts["failures"],
+        "errors": counts["errors"],
+        "skipped": counts["skipped"],
+        "duration_s": round(duration, 3),
+        "failures": failures,
+    }
+
+
+def node_id(case: Any) -> str:
+    """`tests/test_x.py::TestY::test_z` from xunit1's file, classname and name."""
+    name, classname, file = case.get("name", ""), case.get("classname", ""), case.get("file")
+    if not file:
+        return f"{classname}::{name}" if classname else name
+    module = file.removesuffix(".py").replace("/", ".")
+    inner = classname[len(module) + 1 :].split(".") if classname.startswith(module + ".") else []
+    return "::".join([file, *inner, name])
+
+
+def summary(result: dict[str, Any]) -> str:
+    if result["tests"] is None:
+        return f"[conveyor] no JUnit report; outcome {result['outcome']}"
+    return (
+        f"[conveyor] {result['tests']} tests: {result['passed']} passed, {result['failed']} failed, "
+        f"{result['errors']} errors, {result['skipped']} skipped"
+    )

@@ -1,0 +1,246 @@
+"""Build, test and lint jobs through a real worker: real pytest, ruff and build, in the sandbox."""
+
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+from rest_framework.test import APIClient
+
+from apps.jobs.models import Job
+from tasks import sandbox
+from tests.conftest import WorkerProcess, wait_final, wait_for
+from tests.tooljobs import (
+    TOOLCHAIN_PYTHON,
+    full_log,
+    git_repo,
+    processes_with,
+    pytest_directly,
+    ruff_directly,
+    sample_files,
+    submit,
+    tar_gz,
+    upload,
+    zip_bytes,
+)
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def source(request: pytest.FixtureRequest, api: APIClient, tmp_path: Path) -> dict:
+    form = request.param
+    if form == "files":
+        return {"files": sample_files()}
+    if form == "upload":
+        response = upload(api, "sample.tar.gz", tar_gz(sample_files()))
+        assert response.status_code == 201, response.content
+        return {"upload": response.json()["id"]}
+    return {"git": {"url": git_repo(tmp_path / "repo"), "ref": "v1"}}
+
+
+@pytest.mark.parametrize("source", ["files", "upload", "git"], indirect=True)
+def test_a_test_job_counts_what_pytest_itself_counts(
+    worker: WorkerProcess, api: APIClient, source: dict, tmp_path: Path
+) -> None:
+    expected = pytest_directly(tmp_path)
+
+    job = wait_final(submit(api, "test", source), timeout=60)
+
+    assert job.status == Job.Status.SUCCEEDED, job.error
+    result = job.result
+    assert {k: result[k] for k in expected} == expected == {"passed": 3, "failed": 1, "errors": 1, "skipped": 1}
+    assert result["tests"] == 6
+    assert result["outcome"] == "failed"
+    assert result["exit_code"] == 1
+    failures = {f["test"]: f["message"] for f in result["failures"]}
+    assert set(failures) == {
+        "tests/test_sample.py::test_add_is_wrong_on_purpose",
+        "tests/test_sample.py::test_with_a_broken_fixture",
+    }
+    assert "4 == 5" in failures["tests/test_sample.py::test_add_is_wrong_on_purpose"]
+    assert job.attempts == 1  # failing tests are an outcome, never retried
+    log = full_log(api, str(job.id))
+    assert "$ python -m pytest" in log
+    assert "1 failed, 3 passed, 1 skipped, 1 error" in log
+
+
+def test_a_lint_job_counts_what_ruff_itself_counts(worker: WorkerProcess, api: APIClient, tmp_path: Path) -> None:
+    expected = ruff_directly(tmp_path)
+    archive = upload(api, "sample.zip", zip_bytes(sample_files()))
+    assert archive.status_code == 201, archive.content
+
+    job = wait_final(submit(api, "lint", {"upload": archive.json()["id"]}), timeout=60)
+
+    assert job.status == Job.Status.SUCCEEDED, job.error
+    assert job.result["count"] == len(expected) == 3
+    assert job.result["outcome"] == "issues"
+    assert job.result["by_code"] == {"F401": 2, "F841": 1}
+    assert {(d["path"], d["line"], d["code"]) for d in job.result["diagnostics"]} == {
+        ("sample/__init__.py", e["location"]["row"], e["code"]) for e in expected
+    }
+
+
+def test_a_clean_tree_lints_clean(worker: WorkerProcess, api: APIClient) -> None:
+    job = wait_final(submit(api, "lint", {"files": {"ok.py": "print('fine')\n"}}), timeout=60)
+
+    assert job.status == Job.Status.SUCCEEDED, job.error
+    assert job.result["outcome"] == "clean"
+    assert job.result["count"] == 0
+
+
+def test_a_build_job_makes_a_wheel_that_pip_installs(
+    worker: WorkerProcess, api: APIClient, other_api: APIClient, tmp_path: Path
+) -> None:
+    job = wait_final(submit(api, "build", {"files": sample_files()}), timeout=90)
+
+    assert job.status == Job.Status.SUCCEEDED, job.error
+    assert job.result["outcome"] == "passed"
+    names = sorted(a["name"] for a in job.result["artifacts"])
+    assert names == ["dist/conveyor_sample-0.1.0-py3-none-any.whl", "dist/conveyor_sample-0.1.0.tar.gz"]
+    wheel = next(a for a in job.result["artifacts"] if a["name"].endswith(".whl"))
+    response = api.get(wheel["url"])
+    assert response.status_code == 200
+    data = b"".join(response.streaming_content)
+    assert len(data) == wheel["size"]
+    path = tmp_path / wheel["name"].rsplit("/", 1)[-1]
+    path.write_bytes(data)
+    target = tmp_path / "site"
+    subprocess.run(
+        [TOOLCHAIN_PYTHON, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target", str(target), str(path)],
+        check=True,
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", "import sample; print(sample.add(20, 22))"],
+        env={"PYTHONPATH": str(target)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.strip() == "42"
+    assert other_api.get(wheel["url"]).status_code == 404
+
+
+def test_a_missing_git_ref_fails_at_once_with_a_readable_message(
+    worker: WorkerProcess, api: APIClient, tmp_path: Path
+) -> None:
+    url = git_repo(tmp_path / "repo")
+
+    job = wait_final(submit(api, "test", {"git": {"url": url, "ref": "no-such-branch"}}), timeout=60)
+
+    assert job.status == Job.Status.FAILED
+    assert job.attempts == 1
+    assert job.error["type"] == "PermanentError"
+    assert "no-such-branch" in job.error["message"]
+
+
+SNOOP = """
+import os, socket, sys
+print("ENV", sorted(os.environ))
+for path in sys.argv[1:]:
+    print("READ", path, os.path.exists(path))
+try:
+    socket.create_connection(("127.0.0.1", int(os.environ["REDIS_PORT"])), timeout=2)
+    print("NETWORK open")
+except OSError as exc:
+    print("NETWORK closed", exc)
+"""
+
+
+def test_a_job_sees_nothing_of_the_worker_environment_and_no_network(
+    worker: WorkerProcess, api: APIClient, process_env: dict, tmp_path: Path
+) -> None:
+    redis_port = process_env["REDIS_URL"].rsplit(":", 1)[1].split("/")[0]
+    settings_file = str(Path(__file__).resolve().parent.parent / "project" / "settings.py")
+    secret_file = tmp_path / "secret.env"
+    secret_file.write_text("TOKEN=do-not-read")
+
+    job_id = submit(
+        api,
+        "test",
+        {"files": {"snoop.py": SNOOP}},
+        command=["python", "snoop.py", settings_file, str(secret_file)],
+        env={"REDIS_PORT": redis_port},
+    )
+    job = wait_final(job_id, timeout=60)
+
+    assert job.status == Job.Status.SUCCEEDED, job.error
+    log = full_log(api, job_id)
+    env_line = next(line for line in log.splitlines() if line.startswith("ENV"))
+    for secret in ("DATABASE_URL", "SECRET_KEY", "REDIS_URL", "DJANGO_SETTINGS_MODULE"):
+        assert secret not in env_line
+    assert process_env["DATABASE_URL"] not in log
+    if sandbox.mode() == "bwrap":  # the rlimit fallback shares the worker's file system and network
+        assert "NETWORK closed" in log
+        assert f"READ {settings_file} False" in log
+        assert f"READ {secret_file} False" in log
+
+
+def test_arguments_stay_literal(worker: WorkerProcess, api: APIClient, tmp_path: Path) -> None:
+    witness = tmp_path / "touched"
+    args = [f"; touch {witness}", "$(id)", "`id`", "&& echo hi", "*"]
+
+    job_id = submit(
+        api, "test", {"files": {"a.py": "import sys; print(sys.argv[1:])"}}, command=["python", "a.py", *args]
+    )
+    job = wait_final(job_id, timeout=60)
+
+    assert job.status == Job.Status.SUCCEEDED, job.error
+    assert repr(args) in full_log(api, job_id)
+    assert not witness.exists()
+
+
+LINGER = """
+import subprocess, sys, time
+marker = sys.argv[1]
+subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)", marker])
+subprocess.Popen([sys.executable, "-c", "import os, time; os.setsid(); time.sleep(300)", marker],
+                 start_new_session=True)
+print("started", flush=True)
+time.sleep(300)
+"""
+
+
+def test_cancelling_a_job_leaves_no_process_behind(worker: WorkerProcess, api: APIClient) -> None:
+    marker = f"linger-{uuid.uuid4().hex}"
+    job_id = submit(api, "test", {"files": {"linger.py": LINGER}}, command=["python", "linger.py", marker])
+    wait_for(lambda: "started" in full_log(api, job_id), timeout=30, what="the job to start its children")
+    assert len(processes_with(marker)) >= 3
+
+    assert api.post(f"/api/jobs/{job_id}/cancel/").status_code == 200
+
+    assert wait_final(job_id).status == Job.Status.CANCELLED
+    wait_for(lambda: not processes_with(marker), timeout=10, what="every process of the job to be gone")
+
+
+def test_a_job_over_its_timeout_is_timed_out_with_its_log_kept_and_nothing_left(
+    worker: WorkerProcess, api: APIClient
+) -> None:
+    marker = f"linger-{uuid.uuid4().hex}"
+    job_id = submit(
+        api, "test", {"files": {"linger.py": LINGER}}, command=["python", "linger.py", marker], timeout_seconds=3
+    )
+
+    job = wait_final(job_id, timeout=30)
+
+    assert job.status == Job.Status.TIMED_OUT
+    assert "started" in full_log(api, job_id)
+    wait_for(lambda: not processes_with(marker), timeout=10, what="every process of the job to be gone")
+
+
+def test_the_log_streams_live_over_server_sent_events(worker: WorkerProcess, api: APIClient) -> None:
+    script = "import time\nfor i in range(3):\n    print('line', i)\n    time.sleep(0.3)\n"
+    job_id = submit(api, "test", {"files": {"s.py": script}}, command=["python", "s.py"])
+
+    response = api.get(f"/api/jobs/{job_id}/stream/", HTTP_ACCEPT="text/event-stream")
+
+    assert response.status_code == 200
+    assert response["Content-Type"] == "text/event-stream"
+    body = b"".join(response.streaming_content).decode()
+    events = [block.split("\n")[0].removeprefix("event: ") for block in body.strip().split("\n\n")]
+    assert events[0] == "status"
+    assert events[-1] == "end"
+    assert '"status": "succeeded"' in body.rsplit("event: end", 1)[1]
+    assert body.index("line 0") < body.index("line 1") < body.index("line 2")
+    assert "progress" in events
