@@ -4,7 +4,7 @@ import pytest
 from django.contrib.auth.models import User
 from django.test import Client
 
-from apps.jobs import lifecycle
+from apps.jobs import lifecycle, logs
 from apps.jobs.models import Job
 from apps.jobs.services import build_job
 
@@ -70,3 +70,36 @@ def test_the_cancel_and_replay_actions_change_jobs(admin_client: Client, user: U
 
     admin_client.post("/admin/jobs/job/", {"action": "retry_jobs", "_selected_action": [queued.pk]})
     assert Job.objects.get(pk=queued.pk).status == Job.Status.QUEUED
+
+
+def test_the_job_page_shows_the_log_tail_and_the_structured_result(admin_client: Client, user: User) -> None:
+    job = make_job(user)
+    url = f"/api/jobs/{job.pk}/artifacts/dist/a.whl"
+    result = {
+        "outcome": "failed", "exit_code": 1, "tests": 3, "passed": 1, "failed": 1, "errors": 1, "skipped": 0,
+        "duration_s": 0.5, "failures": [{"test": "tests/test_a.py::test_x", "message": "assert <1> == 2"}],
+        "artifacts": [{"name": "dist/a.whl", "size": 10, "sha256": "ab" * 32, "url": url}],
+    }  # fmt: skip
+    Job.objects.filter(pk=job.pk).update(kind="test", result=result)
+    logs.append(job.pk, 0, "collecting ...\n<script>alert(1)</script>\n")
+
+    html = admin_client.get(f"/admin/jobs/job/{job.pk}/change/").content.decode()
+
+    assert "3 tests, 1 passed, 1 failed, 1 errors, 0 skipped" in html
+    assert "<td>tests/test_a.py::test_x</td><td>assert &lt;1&gt; == 2</td>" in html
+    assert f'<a href="/api/jobs/{job.pk}/artifacts/dist/a.whl">dist/a.whl</a>' in html
+    assert "collecting ..." in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "<script>alert(1)</script>" not in html
+
+
+def test_the_job_page_shows_lint_diagnostics(admin_client: Client, user: User) -> None:
+    job = make_job(user)
+    diagnostic = {"path": "a.py", "line": 1, "column": 8, "code": "F401", "message": "`os` imported but unused"}
+    result = {"outcome": "issues", "exit_code": 1, "count": 1, "diagnostics": [diagnostic], "by_code": {"F401": 1}}
+    Job.objects.filter(pk=job.pk).update(kind="lint", result=result)
+
+    html = admin_client.get(f"/admin/jobs/job/{job.pk}/change/").content.decode()
+
+    assert "issues</b>: 1 diagnostics" in html
+    assert "<td>a.py</td><td>1</td><td>8</td><td>F401</td>" in html

@@ -3,10 +3,13 @@ import uuid
 from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
-from django.utils.html import format_html
+from django.utils.html import format_html, format_html_join
+from django.utils.safestring import SafeString
 
-from apps.jobs import services
+from apps.jobs import logs, services
 from apps.jobs.models import Job, JobEvent
+
+LOG_TAIL_BYTES = 16 * 1024
 
 
 class JobEventInline(admin.TabularInline):
@@ -39,7 +42,7 @@ class JobAdmin(admin.ModelAdmin):
     list_select_related = ["owner"]
     inlines = [JobEventInline]
     actions = ["cancel_jobs", "retry_jobs", "replay_dead_letters"]
-    readonly_fields = [f.name for f in Job._meta.fields] + ["progress_bar"]
+    readonly_fields = [f.name for f in Job._meta.fields] + ["progress_bar", "outcome", "log_tail"]
     fieldsets = [
         (
             None,
@@ -55,7 +58,8 @@ class JobAdmin(admin.ModelAdmin):
                 ]
             },
         ),
-        ("Input and outcome", {"fields": ["payload", "result", "error"]}),
+        ("Input and outcome", {"fields": ["payload", "outcome", "result", "error"]}),
+        ("Output", {"fields": ["log_tail"]}),
         (
             "Attempts",
             {
@@ -108,6 +112,49 @@ class JobAdmin(admin.ModelAdmin):
             job.progress,
         )
 
+    @admin.display(description="outcome")
+    def outcome(self, job: Job) -> SafeString | str:
+        """The structured result of build, test and lint jobs, as a person reads it."""
+        result = job.result if isinstance(job.result, dict) else {}
+        parts = []
+        if result.get("tests") is not None:
+            parts.append(
+                format_html(
+                    "<p><b>{}</b>: {} tests, {} passed, {} failed, {} errors, {} skipped in {}s</p>",
+                    result["outcome"],
+                    result["tests"],
+                    result["passed"],
+                    result["failed"],
+                    result["errors"],
+                    result["skipped"],
+                    result["duration_s"],
+                )
+            )
+            parts.append(_table(["test", "message"], [(f["test"], f["message"]) for f in result.get("failures", [])]))
+        if "diagnostics" in result:
+            parts.append(format_html("<p><b>{}</b>: {} diagnostics</p>", result["outcome"], result["count"]))
+            rows = [(d["path"], d["line"], d["column"], d["code"], d["message"]) for d in result["diagnostics"]]
+            parts.append(_table(["path", "line", "column", "code", "message"], rows))
+        if result.get("artifacts"):
+            parts.append(
+                format_html(
+                    "<ul>{}</ul>",
+                    format_html_join(
+                        "",
+                        '<li><a href="{}">{}</a> ({} bytes, sha256 <code>{}</code>)</li>',
+                        ((a["url"], a["name"], a["size"], a["sha256"]) for a in result["artifacts"]),
+                    ),
+                )
+            )
+        return format_html_join("", "{}", ((part,) for part in parts)) if parts else "-"
+
+    @admin.display(description="log (last 16 KiB)")
+    def log_tail(self, job: Job) -> SafeString | str:
+        text = logs.tail(job, LOG_TAIL_BYTES)
+        if not text:
+            return "-"
+        return format_html('<pre style="max-height: 40em; overflow: auto; white-space: pre-wrap">{}</pre>', text)
+
     def get_search_results(self, request: HttpRequest, queryset: QuerySet, search_term: str) -> tuple[QuerySet, bool]:
         """Search by job id (exact) as well as by idempotency key."""
         results, may_have_duplicates = super().get_search_results(request, queryset, search_term)
@@ -141,3 +188,15 @@ class JobAdmin(admin.ModelAdmin):
     @admin.action(description="Replay selected dead-lettered jobs")
     def replay_dead_letters(self, request: HttpRequest, queryset: QuerySet) -> None:
         self._apply(request, queryset.filter(dead_lettered=True), services.retry_job, "Replayed")
+
+
+def _table(headers: list[str], rows: list[tuple]) -> SafeString | str:
+    if not rows:
+        return ""
+    return format_html(
+        "<table><thead><tr>{}</tr></thead><tbody>{}</tbody></table>",
+        format_html_join("", "<th>{}</th>", ((h,) for h in headers)),
+        format_html_join(
+            "", "<tr>{}</tr>", ((format_html_join("", "<td>{}</td>", ((c,) for c in row)),) for row in rows)
+        ),
+    )

@@ -1,0 +1,173 @@
+"""What build/test/lint submissions and uploads refuse, with the field and the reason."""
+
+import hashlib
+import io
+import tarfile
+import zipfile
+
+import pytest
+from django.test import override_settings
+from rest_framework.test import APIClient
+
+from apps.jobs.models import Job, Upload
+from tests.tooljobs import sample_files, tar_gz, upload, zip_bytes
+
+pytestmark = pytest.mark.django_db
+
+
+def submit(api: APIClient, payload: dict, kind: str = "test") -> object:
+    return api.post("/api/jobs/", {"kind": kind, "payload": payload}, format="json")
+
+
+def test_a_command_not_on_the_allow_list_is_refused(api: APIClient) -> None:
+    for argv in (["bash", "-c", "id"], ["/usr/bin/python", "-V"], ["curl", "http://x"]):
+        response = submit(api, {"source": {"files": {"a.py": ""}}, "command": argv})
+
+        assert response.status_code == 400
+        assert "not an allowed program" in response.json()["payload"]["command"][0]
+    assert Job.objects.count() == 0
+
+
+def test_an_allowed_command_is_accepted(api: APIClient) -> None:
+    response = submit(api, {"source": {"files": {"a.py": ""}}, "command": ["pytest", "-x", "; rm -rf /"]})
+
+    assert response.status_code == 201, response.content
+    assert response.json()["payload"]["command"] == ["pytest", "-x", "; rm -rf /"]
+
+
+@pytest.mark.parametrize(
+    ("source", "field"),
+    [
+        ({}, None),
+        ({"files": {}, "upload": "x"}, None),
+        ({"files": {"../escape.py": "x"}}, "files"),
+        ({"files": {"/etc/passwd": "x"}}, "files"),
+        ({"files": {"a.py": 1}}, "files"),
+        ({"upload": "not-a-uuid"}, "upload"),
+        ({"upload": "00000000-0000-0000-0000-000000000000"}, "upload"),
+        ({"git": {"url": "ssh://host/repo.git", "ref": "main"}}, "git"),
+        ({"git": {"url": "https://user:token@example.com/r.git", "ref": "main"}}, "git"),
+        ({"git": {"url": "https://example.com/r.git", "ref": "--upload-pack=touch /tmp/x"}}, "git"),
+        ({"git": {"url": "https://example.com/r.git", "ref": "a..b"}}, "git"),
+    ],
+)
+def test_a_bad_source_is_a_400_naming_what_is_wrong(api: APIClient, source: dict, field: str | None) -> None:
+    response = submit(api, {"source": source})
+
+    assert response.status_code == 400
+    errors = response.json()["payload"]["source"]
+    if field:
+        assert field in errors
+    assert "token" not in response.content.decode()
+
+
+def test_bad_env_names_and_escaping_artifact_globs_are_refused(api: APIClient) -> None:
+    response = submit(
+        api,
+        {"source": {"files": {"a.py": ""}}, "env": {"OK": "1", "NOT OK": "2"}, "artifacts": ["../../etc/*"]},
+        kind="build",
+    )
+
+    assert response.status_code == 400
+    errors = response.json()["payload"]
+    assert "NOT OK" in errors["env"][0]
+    assert "'..'" in errors["artifacts"][0]
+
+
+def test_another_users_upload_cannot_be_used(api: APIClient, other_api: APIClient) -> None:
+    theirs = upload(other_api, "s.tar.gz", tar_gz(sample_files())).json()["id"]
+
+    response = submit(api, {"source": {"upload": theirs}})
+
+    assert response.status_code == 400
+    assert response.json()["payload"]["source"]["upload"] == ["No such upload."]
+
+
+def test_an_upload_is_stored_with_its_size_and_hash(api: APIClient) -> None:
+    data = tar_gz(sample_files())
+
+    response = upload(api, "sample.tar.gz", data)
+
+    assert response.status_code == 201
+    body = response.json()
+    assert body["size"] == len(data)
+    stored = Upload.objects.get(pk=body["id"])
+    assert stored.files == len(sample_files())
+    assert stored.file.read() == data
+    assert body["sha256"] == hashlib.sha256(data).hexdigest()
+
+
+def _tar_with(member: tarfile.TarInfo, data: bytes = b"") -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        member.size = len(data)
+        archive.addfile(member, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def _symlink(name: str, target: str) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.SYMTYPE
+    info.linkname = target
+    return info
+
+
+def _zip_symlink() -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        info = zipfile.ZipInfo("link")
+        info.external_attr = (0o120777 << 16) | 0x20
+        archive.writestr(info, "/etc/passwd")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "reason"),
+    [
+        ("slip.tar.gz", tar_gz({"../evil.py": "x"}), "'..'"),
+        ("abs.tar.gz", tar_gz({"/etc/cron.d/evil": "x"}), "absolute"),
+        ("link.tar.gz", _tar_with(_symlink("a/link", "../../etc/passwd")), "outside"),
+        ("abslink.tar.gz", _tar_with(_symlink("link", "/etc/passwd")), "absolute"),
+        ("slip.zip", zip_bytes({"../../evil.py": "x"}), "'..'"),
+        ("abs.zip", zip_bytes({"/tmp/evil.py": "x"}), "absolute"),
+        ("link.zip", _zip_symlink(), "symbolic links"),
+        ("notes.txt", b"just text", "not a tar.gz or zip"),
+        ("broken.tar.gz", b"\x1f\x8b" + b"\0" * 20, "unreadable"),
+    ],
+)
+def test_an_archive_that_escapes_or_is_not_one_is_refused(api: APIClient, name: str, data: bytes, reason: str) -> None:
+    response = upload(api, name, data)
+
+    assert response.status_code == 400
+    assert reason in response.json()["file"][0]
+    assert Upload.objects.count() == 0
+
+
+def test_a_link_that_stays_inside_the_tree_is_accepted(api: APIClient) -> None:
+    response = upload(api, "ok.tar.gz", _tar_with(_symlink("a/b/link", "../c.py")))
+
+    assert response.status_code == 201
+
+
+def test_an_upload_over_the_limits_is_refused(api: APIClient) -> None:
+    with override_settings(UPLOAD_MAX_BYTES=100):
+        assert upload(api, "big.tar.gz", tar_gz({"a.py": "x" * 10_000}) + b"\0" * 200).status_code == 413
+    with override_settings(JOB_SOURCE_MAX_FILES=2):
+        response = upload(api, "many.zip", zip_bytes({f"{i}.py": "" for i in range(3)}))
+        assert response.status_code == 400
+        assert "more than 2 files" in response.json()["file"][0]
+    with override_settings(JOB_SOURCE_MAX_BYTES=1000):
+        response = upload(api, "bomb.tar.gz", tar_gz({"a.txt": "0" * 5000}))
+        assert response.status_code == 400
+        assert "unpacked" in response.json()["file"][0]
+
+
+def test_an_upload_without_a_file_is_a_400(api: APIClient) -> None:
+    response = api.post("/api/uploads/", {}, format="multipart")
+
+    assert response.status_code == 400
+    assert "file" in response.json()
+
+
+def test_uploads_need_a_token() -> None:
+    assert APIClient().post("/api/uploads/", {}, format="multipart").status_code == 401
