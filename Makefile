@@ -39,6 +39,7 @@ fmt: venv
 
 bench: venv
 	$(PY) bench/throughput.py
+	$(PY) bench/builds.py
 
 clean:
 	rm -rf $(VENV) $(TOOLCHAIN) .run staticfiles
