@@ -2,9 +2,11 @@
 tests run inside a transaction that never commits, so nothing is published."""
 
 import json
+from pathlib import Path
 
 import pytest
 from django.contrib.auth.models import User
+from django.core.management import call_command
 from rest_framework.test import APIClient
 
 from apps.jobs.models import Job, JobEvent
@@ -230,3 +232,11 @@ def test_the_openapi_schema_and_docs_are_served(api: APIClient) -> None:
     docs = api.get("/api/docs/")
     assert docs.status_code == 200
     assert b"swagger" in docs.content.lower()
+
+
+def test_the_openapi_schema_is_valid_and_generates_without_warnings(tmp_path: Path) -> None:
+    call_command("spectacular", "--validate", "--fail-on-warn", "--file", str(tmp_path / "schema.yaml"))
+
+    schema = (tmp_path / "schema.yaml").read_text()
+    for path in ("/api/uploads/", "/api/jobs/{id}/log/", "/api/jobs/{id}/stream/", "/api/jobs/{id}/artifacts/{name}"):
+        assert f"{path}:" in schema
