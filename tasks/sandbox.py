@@ -29,6 +29,8 @@ from pathlib import Path
 
 from django.conf import settings
 
+from apps.jobs.errors import PermanentError
+
 INNER_ROOT = Path("/job")  # where the work directory appears inside bwrap
 ETC_FILES = ("passwd", "group", "nsswitch.conf", "ld.so.cache", "localtime", "alternatives")
 MARKER_VAR = "CONVEYOR_JOB_MARKER"
@@ -101,10 +103,15 @@ def toolchain_paths() -> list[str]:
     return [p for p in dict.fromkeys(paths) if not p.startswith("/usr/")]
 
 
+def search_path() -> str:
+    """The PATH of job commands: the toolchain, then the system (the same paths inside bwrap)."""
+    return f"{settings.JOB_TOOLCHAIN / 'bin'}:/usr/bin:/bin"
+
+
 def command_env(workspace: Workspace, extra: dict[str, str], marker: str) -> dict[str, str]:
     """The whole environment of a job's command: nothing is inherited from the worker."""
     env = {
-        "PATH": f"{settings.JOB_TOOLCHAIN / 'bin'}:/usr/local/bin:/usr/bin:/bin",
+        "PATH": search_path(),
         "HOME": workspace.inner(workspace.root / "home"),
         "TMPDIR": workspace.inner(workspace.root / "tmp"),  # on disk, within the work directory
         "LANG": "C.UTF-8",
@@ -118,7 +125,8 @@ def command_env(workspace: Workspace, extra: dict[str, str], marker: str) -> dic
 
 
 def bwrap_argv(workspace: Workspace, env: dict[str, str], argv: list[str]) -> list[str]:
-    wrapped = ["bwrap", "--ro-bind", "/usr", "/usr"]
+    # /tmp first: a mount made after the toolchain's would hide a toolchain that lives under /tmp.
+    wrapped = ["bwrap", "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--ro-bind", "/usr", "/usr"]  # noqa: S108
     for name in ("bin", "lib", "lib32", "lib64", "sbin"):
         path = Path("/") / name
         if path.is_symlink():
@@ -134,7 +142,6 @@ def bwrap_argv(workspace: Workspace, env: dict[str, str], argv: list[str]) -> li
             wrapped += ["--perms", "0755", "--dir", str(parent)]
         wrapped += ["--ro-bind", path, path]
     wrapped += [
-        "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",  # noqa: S108 (a private tmpfs inside the sandbox)
         "--bind", str(workspace.root), str(INNER_ROOT), "--chdir", workspace.inner(workspace.src),
         "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
         "--hostname", "sandbox", "--die-with-parent", "--new-session", "--clearenv",
@@ -187,6 +194,8 @@ def run_command(
     Raises CommandTimedOut after `timeout` seconds (the Celery soft time limit, or a cancel, arrive as
     exceptions from outside instead). Whichever way it ends, nothing it started is left running.
     """
+    if shutil.which(argv[0], path=search_path()) is None:
+        raise PermanentError(f"{argv[0]!r} is not installed on this worker (looked in {search_path()})")
     marker = uuid.uuid4().hex
     full_env = command_env(workspace, env or {}, marker)
     if workspace.sandbox == "bwrap":

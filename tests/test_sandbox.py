@@ -8,6 +8,7 @@ from django.test import override_settings
 from django.utils import timezone
 
 from apps.jobs import logs
+from apps.jobs.errors import PermanentError
 from apps.jobs.models import Job
 from tasks.joblog import JobLog
 from tasks.sandbox import CommandTimedOut, Output, Workspace, run_command
@@ -106,3 +107,8 @@ def test_a_long_log_is_cut_with_a_visible_marker(settings: object, django_user_m
     assert text.rstrip().endswith("the rest is not kept")
     assert 1000 <= end < 1200
     assert logs.read(job, 500, 1_000_000)[0] == text.encode()[500:].decode()
+
+
+def test_a_program_that_is_not_installed_is_a_permanent_error(workspace: Workspace) -> None:
+    with pytest.raises(PermanentError, match="'no-such-tool' is not installed"):
+        run_command(["no-such-tool", "--version"], workspace, Collect())

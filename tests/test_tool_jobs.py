@@ -244,3 +244,15 @@ def test_the_log_streams_live_over_server_sent_events(worker: WorkerProcess, api
     assert '"status": "succeeded"' in body.rsplit("event: end", 1)[1]
     assert body.index("line 0") < body.index("line 1") < body.index("line 2")
     assert "progress" in events
+
+
+def test_a_git_host_that_does_not_answer_is_retried_then_fails(worker: WorkerProcess, api: APIClient) -> None:
+    job_id = submit(api, "test", {"git": {"url": "https://127.0.0.1:9/nothing.git", "ref": "main"}})
+
+    job = wait_final(job_id, timeout=60)
+
+    assert job.status == Job.Status.FAILED
+    assert job.attempts == 2  # retried: a host that is down may come back
+    assert job.error["type"] == "RetryableError"
+    assert "Failed to connect" in job.error["message"] or "Connection refused" in job.error["message"]
+    assert "retrying" in Job.objects.get(pk=job_id).events.values_list("type", flat=True)
