@@ -16,6 +16,9 @@ FLOWER_BASIC_AUTH=admin:$password
 ENV
   echo "wrote .env (secrets for this checkout; not committed)"
 fi
+if ! grep -q '^CREDENTIALS_KEYS=' .env; then
+  echo "CREDENTIALS_KEYS=$(python -c 'from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())')" >> .env
+fi
 set -a; . ./.env; set +a
 export REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379/0}"
 

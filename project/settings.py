@@ -36,6 +36,7 @@ INSTALLED_APPS = [
     "drf_spectacular",
     "drf_spectacular_sidecar",
     "apps.jobs",
+    "apps.credentials",
 ]
 
 MIDDLEWARE = [
@@ -191,6 +192,27 @@ JOB_MAX_PROCESSES = env.int("JOB_MAX_PROCESSES", default=256)
 
 MEDIA_ROOT = Path(env.str("MEDIA_ROOT", default=str(BASE_DIR / "media")))  # uploads and artifacts
 MEDIA_URL = "media/"  # never served directly: downloads go through the API's permission checks
+
+# --- AI generation --------------------------------------------------------------------------
+AI_PROVIDERS = ("openai", "anthropic")
+AI_DEFAULT_PROVIDER = env.str("AI_DEFAULT_PROVIDER", default="openai")
+if AI_DEFAULT_PROVIDER not in AI_PROVIDERS:
+    raise ImproperlyConfigured(f"AI_DEFAULT_PROVIDER must be one of {AI_PROVIDERS}")
+AI_DEFAULT_MODEL = env.str("AI_DEFAULT_MODEL", default="")  # for the default provider; else the per-provider one
+OPENAI_DEFAULT_MODEL = env.str("OPENAI_DEFAULT_MODEL", default="gpt-4o-mini")
+ANTHROPIC_DEFAULT_MODEL = env.str("ANTHROPIC_DEFAULT_MODEL", default="claude-sonnet-4-5")
+# The server's keys, used when a job's owner has stored none (BYOK). Base URLs: any compatible server.
+OPENAI_API_KEY = env.str("OPENAI_API_KEY", default="")
+OPENAI_BASE_URL = env.str("OPENAI_BASE_URL", default="") or None
+ANTHROPIC_API_KEY = env.str("ANTHROPIC_API_KEY", default="")
+ANTHROPIC_BASE_URL = env.str("ANTHROPIC_BASE_URL", default="") or None
+AI_DEFAULT_MAX_TOKENS = env.int("AI_DEFAULT_MAX_TOKENS", default=1024)
+AI_REQUEST_TIMEOUT_SECONDS = env.float("AI_REQUEST_TIMEOUT_SECONDS", default=120.0)
+# An identical request while the first is queued or running, or succeeded this recently, gets that job.
+AI_DEDUPE_TTL = env.int("AI_DEDUPE_TTL", default=300)
+PERSONAS_DIR = Path(env.str("PERSONAS_DIR", default=str(BASE_DIR / "personas")))
+# Fernet keys for stored provider keys, comma-separated; the first encrypts (see rotate_credentials).
+CREDENTIALS_KEYS = env.list("CREDENTIALS_KEYS", default=[])
 
 CELERY_BEAT_SCHEDULE = {
     "reconcile-jobs": {

@@ -23,8 +23,12 @@ from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from apps.jobs.models import FINAL_STATUSES, Job
+from tests.fake_llm import FakeLLM
 
 ROOT = Path(__file__).resolve().parent.parent
+# The server's own provider keys, known to the worker only; tests search for them where they must not be.
+SERVER_OPENAI_KEY = "sk-server-openai-0123456789abcdef"
+SERVER_ANTHROPIC_KEY = "sk-ant-server-0123456789abcdef"
 
 
 def wait_for(condition: Callable[[], object], timeout: float = 20, interval: float = 0.05, what: str = "") -> object:
@@ -91,8 +95,25 @@ class WorkerProcess:
 
 
 @pytest.fixture(scope="session")
-def process_env(django_db_setup: None, django_db_blocker: object, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """The environment for worker and beat processes: the test settings, pointed at the test database."""
+def _llm_server() -> Iterator[FakeLLM]:
+    server = FakeLLM().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def llm(_llm_server: FakeLLM) -> FakeLLM:
+    """The local OpenAI/Anthropic server the worker talks to, with a fresh script and record."""
+    _llm_server.reset()
+    return _llm_server
+
+
+@pytest.fixture(scope="session")
+def process_env(
+    django_db_setup: None, django_db_blocker: object, tmp_path_factory: pytest.TempPathFactory, _llm_server: FakeLLM
+) -> dict:
+    """The environment for worker and beat processes: the test settings, pointed at the test database
+    and at the local LLM server."""
     db = connection.settings_dict
     url = f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
     return {
@@ -100,6 +121,10 @@ def process_env(django_db_setup: None, django_db_blocker: object, tmp_path_facto
         "DJANGO_SETTINGS_MODULE": "project.test_settings",
         "DATABASE_URL": url,
         "PYTHONUNBUFFERED": "1",
+        "OPENAI_BASE_URL": f"{_llm_server.url}/v1",
+        "OPENAI_API_KEY": SERVER_OPENAI_KEY,
+        "ANTHROPIC_BASE_URL": _llm_server.url,
+        "ANTHROPIC_API_KEY": SERVER_ANTHROPIC_KEY,
     }
 
 

@@ -5,6 +5,7 @@ handler by the same name.
 """
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -13,6 +14,7 @@ from django.conf import settings
 from django.core.exceptions import ValidationError as DjangoValidationError
 from rest_framework import serializers
 
+from apps.jobs import ai
 from apps.jobs.archives import ArchiveError, check_files, check_relative_path
 from apps.jobs.models import Upload
 
@@ -134,6 +136,37 @@ class ToolPayload(PayloadSerializer):
         return patterns
 
 
+class MessageSerializer(serializers.Serializer):
+    role = serializers.ChoiceField(choices=["system", "user", "assistant"])
+    content = serializers.CharField(max_length=200_000, trim_whitespace=False)
+
+
+class AIGeneratePayload(PayloadSerializer):
+    """ai_generate: a `prompt` or `messages`, optional system prompt, persona, provider, model and
+    parameters. Validated data is the resolved request (see `apps.jobs.ai.resolve`)."""
+
+    prompt = serializers.CharField(max_length=200_000, required=False, trim_whitespace=False)
+    messages = MessageSerializer(many=True, required=False, allow_empty=False, max_length=500)
+    system = serializers.CharField(max_length=100_000, required=False, allow_blank=True, trim_whitespace=False)
+    persona = serializers.CharField(max_length=100, required=False)
+    provider = serializers.ChoiceField(choices=list(settings.AI_PROVIDERS), required=False)
+    model = serializers.CharField(max_length=200, required=False)
+    max_tokens = serializers.IntegerField(min_value=1, max_value=200_000, required=False)
+    temperature = serializers.FloatField(min_value=0, max_value=2, required=False)
+    dedupe = serializers.BooleanField(default=True)
+
+    def validate(self, attrs: dict) -> dict:
+        attrs = super().validate(attrs)
+        if ("prompt" in attrs) == ("messages" in attrs):
+            raise serializers.ValidationError({"prompt": ["Give either 'prompt' or 'messages'."]})
+        persona = None
+        if name := attrs.get("persona"):
+            persona = ai.personas().get(name)
+            if persona is None:
+                raise serializers.ValidationError({"persona": [f"Unknown persona {name!r}."]})
+        return ai.resolve(attrs, persona)
+
+
 @dataclass(frozen=True)
 class Kind:
     name: str
@@ -141,6 +174,9 @@ class Kind:
     payload: type[PayloadSerializer]
     max_attempts: int = 3
     timeout_seconds: int = 300
+    # (owner id, validated payload) -> the request's identity, for kinds where an identical request
+    # gets the job already under way (or just finished) instead of a new one; None: no deduplication.
+    dedupe_key: Callable[[int, dict], str | None] | None = None
 
 
 KINDS: dict[str, Kind] = {
@@ -152,6 +188,15 @@ KINDS: dict[str, Kind] = {
             payload=EchoPayload,
             max_attempts=3,
             timeout_seconds=60,
+        ),
+        # Attempts for 429, 5xx and timeouts; a 4xx from the provider fails at once.
+        Kind(
+            "ai_generate",
+            queue="ai",
+            payload=AIGeneratePayload,
+            max_attempts=5,
+            timeout_seconds=300,
+            dedupe_key=lambda owner_id, payload: ai.dedupe_key(owner_id, payload) if payload["dedupe"] else None,
         ),
         # A tool's verdict (failing tests, lint findings) is a result, never retried; the attempts
         # are for what is passing: a git host that did not answer, a lost worker.

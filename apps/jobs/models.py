@@ -63,6 +63,8 @@ class Job(models.Model):
     # NULL, not "", for "no key": the unique (owner, key) constraint must ignore keyless jobs.
     idempotency_key = models.CharField(max_length=200, null=True, blank=True)  # noqa: DJ001
     callback_url = models.URLField(max_length=500, blank=True)
+    # What makes two requests "the same" for kinds that deduplicate (ai_generate); "" otherwise.
+    dedupe_key = models.CharField(max_length=64, blank=True, default="", editable=False)
     parent = models.ForeignKey(
         "self",
         null=True,
@@ -107,6 +109,11 @@ class Job(models.Model):
                         Status.RETRYING,
                     ]
                 ),
+            ),
+            models.Index(
+                fields=["owner", "dedupe_key", "-created_at"],
+                name="job_dedupe",
+                condition=~Q(dedupe_key=""),
             ),
             models.Index(
                 fields=["dead_lettered"],

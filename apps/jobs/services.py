@@ -1,17 +1,21 @@
 """Writes: submitting, cancelling and retrying jobs. Views, the admin and tasks call these."""
 
 import hashlib
+from datetime import timedelta
 from typing import Any
 
 from celery import current_app
+from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.core.files.uploadedfile import UploadedFile
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
+from django.db.models import Q
+from django.utils import timezone
 
 from apps.jobs import archives, lifecycle
 from apps.jobs.dispatch import publish_on_commit
 from apps.jobs.kinds import get_kind
-from apps.jobs.models import Job, Status, Upload
+from apps.jobs.models import ACTIVE_STATUSES, Job, Status, Upload
 
 
 class JobConflict(Exception):
@@ -23,6 +27,7 @@ def build_job(owner: AbstractBaseUser, spec: dict[str, Any]) -> Job:
     kind = get_kind(spec["kind"])
     return Job(
         owner=owner,
+        dedupe_key=(kind.dedupe_key and kind.dedupe_key(owner.pk, spec["payload"])) or "",
         kind=kind.name,
         priority=spec.get("priority") or Job.Priority.NORMAL,
         payload=spec["payload"],
@@ -44,6 +49,8 @@ def submit_job(owner: AbstractBaseUser, spec: dict[str, Any]) -> tuple[Job, bool
     job = build_job(owner, spec)
     try:
         with transaction.atomic():
+            if job.dedupe_key and (duplicate := find_duplicate(owner, job.dedupe_key)):
+                return duplicate, False
             lifecycle.create_jobs([job])
             publish_on_commit([job])
     except IntegrityError:
@@ -54,26 +61,52 @@ def submit_job(owner: AbstractBaseUser, spec: dict[str, Any]) -> tuple[Job, bool
     return job, True
 
 
+def find_duplicate(owner: AbstractBaseUser, dedupe_key: str) -> Job | None:
+    """The owner's job for the same request that is under way, or succeeded within AI_DEDUPE_TTL.
+
+    Call inside a transaction: it takes a lock on the key (PostgreSQL advisory lock; SQLite's
+    IMMEDIATE transactions are serial anyway) so that two identical requests racing make one job.
+    """
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [int(dedupe_key[:15], 16)])
+    recent = timezone.now() - timedelta(seconds=settings.AI_DEDUPE_TTL)
+    return (
+        Job.objects.filter(owner=owner, dedupe_key=dedupe_key)
+        .filter(Q(status__in=ACTIVE_STATUSES) | Q(status=Status.SUCCEEDED, finished_at__gte=recent))
+        .order_by("-created_at")
+        .first()
+    )
+
+
 def submit_batch(owner: AbstractBaseUser, specs: list[dict[str, Any]]) -> list[Job]:
     """Create every job of an already validated batch in one transaction and publish them together.
 
-    An item whose idempotency key was used before (or earlier in the batch) yields that job instead.
+    An item whose idempotency key was used before (or earlier in the batch) yields that job instead,
+    and so does an item of a deduplicating kind whose request is already under way (see find_duplicate).
     """
     keys = [spec["idempotency_key"] for spec in specs if spec.get("idempotency_key")]
     known = {job.idempotency_key: job for job in Job.objects.filter(owner=owner, idempotency_key__in=keys)}
+    same_request: dict[str, Job] = {}
     jobs: list[Job] = []
     new: list[Job] = []
-    for spec in specs:
-        key = spec.get("idempotency_key")
-        if key and key in known:
-            jobs.append(known[key])
-            continue
-        job = build_job(owner, spec)
-        if key:
-            known[key] = job
-        jobs.append(job)
-        new.append(job)
     with transaction.atomic():
+        for spec in specs:
+            key = spec.get("idempotency_key")
+            if key and key in known:
+                jobs.append(known[key])
+                continue
+            job = build_job(owner, spec)
+            if job.dedupe_key:
+                if job.dedupe_key not in same_request:
+                    same_request[job.dedupe_key] = find_duplicate(owner, job.dedupe_key) or job
+                if same_request[job.dedupe_key] is not job:
+                    jobs.append(same_request[job.dedupe_key])
+                    continue
+            if key:
+                known[key] = job
+            jobs.append(job)
+            new.append(job)
         lifecycle.create_jobs(new)
         publish_on_commit(new)
     return jobs

@@ -1,0 +1,51 @@
+from django import forms
+from django.contrib import admin
+from django.http import HttpRequest
+
+from apps.credentials import crypto
+from apps.credentials.models import Credential
+
+
+class CredentialForm(forms.ModelForm):
+    """The key is write-only: the field starts empty and is never rendered back."""
+
+    key = forms.CharField(
+        widget=forms.PasswordInput(render_value=False),
+        required=False,
+        help_text="Write-only. Leave empty to keep the stored key.",
+    )
+
+    class Meta:
+        model = Credential
+        fields = ["owner", "provider"]
+
+    def clean(self) -> dict:
+        data = super().clean()
+        if not self.instance.pk and not data.get("key"):
+            self.add_error("key", "A key is required.")
+        return data
+
+    def save(self, commit: bool = True) -> Credential:
+        credential = super().save(commit=False)
+        if key := self.cleaned_data.get("key"):
+            credential.encrypted_key = crypto.encrypt(key)
+            credential.last4 = key[-4:]
+        if commit:
+            credential.save()
+        return credential
+
+
+@admin.register(Credential)
+class CredentialAdmin(admin.ModelAdmin):
+    form = CredentialForm
+    list_display = ["owner", "provider", "masked", "updated_at"]
+    list_filter = ["provider"]
+    search_fields = ["owner__username"]
+    readonly_fields = ["masked", "created_at", "updated_at"]
+
+    @admin.display(description="key")
+    def masked(self, credential: Credential) -> str:
+        return f"…{credential.last4}" if credential.last4 else "-"
+
+    def get_fields(self, request: HttpRequest, obj: Credential | None = None) -> list[str]:
+        return ["owner", "provider", "key", "masked", "created_at", "updated_at"]
