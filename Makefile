@@ -40,6 +40,7 @@ fmt: venv
 bench: venv
 	$(PY) bench/throughput.py
 	$(PY) bench/builds.py
+	$(PY) bench/ai.py
 
 clean:
 	rm -rf $(VENV) $(TOOLCHAIN) .run staticfiles

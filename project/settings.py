@@ -108,7 +108,9 @@ CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = True
-CELERY_WORKER_SEND_TASK_EVENTS = True  # for Flower
+# Task events cost three broker messages per task. Off unless asked: Flower turns them on in the
+# workers it watches (its `enable_events`, on by default), so they flow only while someone looks.
+CELERY_WORKER_SEND_TASK_EVENTS = env.bool("CELERY_WORKER_SEND_TASK_EVENTS", default=False)
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 # Celery's Django fixup closes the database connection around every task unless this is set (a new
 # PostgreSQL connection per job, ~10x the cost of the job's own queries). With it, the connection is

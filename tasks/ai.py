@@ -20,7 +20,6 @@ def handle(job: Job, report: Report) -> dict[str, Any]:
     key = key_for(job.owner_id, provider) or getattr(settings, SERVER_KEYS[provider])
     if not key:
         raise PermanentError(f"no credential for provider {provider}")
-    report(5, f"asking {provider} ({request['model']})")
     produced = 0
 
     def on_delta(text: str) -> None:

@@ -70,7 +70,8 @@ class Reporter:
     def __init__(self, job: Job) -> None:
         self.job = job
         self._lock = threading.Lock()
-        self._last_write = 0.0
+        # The first write also waits an interval: a job shorter than that never pays for one.
+        self._last_write = time.monotonic()
         self._pending: tuple[int, str] | None = None
 
     def __call__(self, percent: float, message: str = "") -> None:
@@ -82,6 +83,12 @@ class Reporter:
             self._pending = None
             self._last_write = time.monotonic()
         lifecycle.set_progress(self.job, *value)
+
+    def take_pending(self) -> tuple[int, str] | None:
+        """The value held back, which the caller writes itself (with the job's last transition)."""
+        with self._lock:
+            value, self._pending = self._pending, None
+        return value
 
     def flush(self) -> None:
         with self._lock:
@@ -229,8 +236,8 @@ def run(job_id: str, *, task_id: str, worker: str) -> str | None:
         log.exception("job %s (%s) raised", job.pk, job.kind)
         lifecycle.fail(job, type(exc).__name__, str(exc) or type(exc).__name__)
         return Status.FAILED
-    reporter.flush()
-    lifecycle.succeed(job, result)
+    pending = reporter.take_pending()
+    lifecycle.succeed(job, result, progress_message=pending[1] if pending else None)
     return Status.SUCCEEDED
 
 

@@ -21,6 +21,7 @@ class Recorded:
     key: str
     body: dict[str, Any]
     at: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None  # wall clock, when the first token was written
 
 
 @dataclass
@@ -73,8 +74,10 @@ def _handler(fake: FakeLLM) -> type[BaseHTTPRequestHandler]:
             anthropic = self.path.startswith("/v1/messages")
             if not anthropic and self.path != "/v1/chat/completions":
                 return self._json(404, {"error": {"message": f"no route {self.path}"}})
+            record = Recorded(self.path, key, body)
+            self.record = record
             with fake.lock:
-                fake.requests.append(Recorded(self.path, key, body))
+                fake.requests.append(record)
                 failure = fake.script.failures.pop(0) if fake.script.failures else None
                 script = fake.script
             if failure:
@@ -111,6 +114,8 @@ def _handler(fake: FakeLLM) -> type[BaseHTTPRequestHandler]:
                 payload = data if isinstance(data, str) else json.dumps(data)
                 self.wfile.write(((f"event: {name}\n" if name else "") + f"data: {payload}\n\n").encode())
                 self.wfile.flush()
+                if self.record.first_token_at is None and name in (None, "content_block_delta"):
+                    self.record.first_token_at = time.time()
                 if delay and name in (None, "content_block_delta"):
                     time.sleep(delay)
 

@@ -145,7 +145,8 @@ def claim(job_id: UUID, *, task_id: str, worker: str, runner: str) -> Job | None
     return job
 
 
-def succeed(job: Job, result: Any) -> bool:
+def succeed(job: Job, result: Any, progress_message: str | None = None) -> bool:
+    extra = {} if progress_message is None else {"progress_message": progress_message[:200]}
     won = _transition(
         job.pk,
         [Status.RUNNING],
@@ -157,6 +158,7 @@ def succeed(job: Job, result: Any) -> bool:
         progress=100,
         finished_at=timezone.now(),
         **CLEARED_ATTEMPT,
+        **extra,
     )
     if won:
         publish_callback_on_commit(job)

@@ -1,0 +1,124 @@
+"""ai_generate throughput against direct SDK calls (`make bench`), on the local OpenAI-compatible
+server of the tests answering in BENCH_AI_DELAY_MS (50 ms): BENCH_AI_N (500) jobs through Conveyor on
+a worker with BENCH_AI_CONCURRENCY (8) processes, against as many `openai` SDK calls from that many
+threads; and the time from the provider sending the first token to a client seeing it on SSE.
+
+Uses the database and Redis of bench/throughput.py (BENCH_DATABASE_URL, BENCH_REDIS_URL).
+"""
+
+# ruff: noqa: I001 (bench.throughput must be imported first: it configures Django)
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.throughput import ROOT, ensure_database, reset, wait  # first: it sets Django up
+
+import openai
+from celery import current_app
+from django.contrib.auth.models import User
+from rest_framework.authtoken.models import Token
+from rest_framework.test import APIClient
+
+from apps.jobs.models import Job
+from tests.fake_llm import FakeLLM
+
+N = int(os.environ.get("BENCH_AI_N", "500"))
+CONCURRENCY = int(os.environ.get("BENCH_AI_CONCURRENCY", "8"))
+DELAY = int(os.environ.get("BENCH_AI_DELAY_MS", "50")) / 1000
+KEY = "sk-bench-0123456789abcdef"
+EXTRA = os.environ.get("BENCH_AI_WORKER_ARGS", "").split()
+
+
+def start_worker(llm: FakeLLM) -> subprocess.Popen:
+    env = {**os.environ, "OPENAI_BASE_URL": f"{llm.url}/v1", "OPENAI_API_KEY": KEY, "AI_DEFAULT_PROVIDER": "openai"}
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "project", "worker", "-P", "prefork", "-c", str(CONCURRENCY),
+         "-l", "WARNING", "-Q", "ai", "--without-gossip", "--without-mingle", *EXTRA],
+        cwd=ROOT, env=env,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while len(current_app.control.ping(timeout=0.5)) < 1:
+        if time.monotonic() > deadline:
+            raise SystemExit("worker did not start")
+    return worker
+
+
+def direct(llm: FakeLLM) -> float:
+    client = openai.OpenAI(base_url=f"{llm.url}/v1", api_key=KEY, max_retries=0)
+
+    def call(i: int) -> str:
+        stream = client.chat.completions.create(
+            model="bench", messages=[{"role": "user", "content": f"direct {i}"}], stream=True
+        )
+        return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(CONCURRENCY) as pool:
+        texts = list(pool.map(call, range(N)))
+    assert all(texts)
+    return N / (time.perf_counter() - start)
+
+
+def through_conveyor(api: APIClient) -> float:
+    jobs = [{"kind": "ai_generate", "payload": {"prompt": f"job {i}", "dedupe": False}} for i in range(N)]
+    start = time.perf_counter()
+    assert api.post("/api/jobs/batch/", {"jobs": jobs}, format="json").status_code == 201
+    wait(lambda: Job.objects.filter(kind="ai_generate", status=Job.Status.SUCCEEDED).count() >= N, interval=0.02)
+    rate = N / (time.perf_counter() - start)
+    failed = Job.objects.filter(kind="ai_generate").exclude(status=Job.Status.SUCCEEDED).count()
+    assert not failed, f"{failed} jobs did not succeed"
+    rows = Job.objects.filter(kind="ai_generate").values_list("started_at", "finished_at")
+    run = statistics.median((f - s).total_seconds() * 1000 for s, f in rows)
+    print(f"conveyor: median time in the handler and transitions (started -> finished) {run:.1f} ms")
+    return rate
+
+
+def first_token_on_sse(api: APIClient, llm: FakeLLM, samples: int = 10) -> float:
+    """Milliseconds from the server writing the first token to the SSE client reading it."""
+    llm.reset(tokens=["a", "b", "c", "d"], token_delay=0.05)
+    latencies = []
+    for i in range(samples):
+        job_id = api.post("/api/ai/generate/", {"prompt": f"sse {i}", "dedupe": False}, format="json").json()["id"]
+        response = api.get(f"/api/jobs/{job_id}/stream/")
+        seen = None
+        for chunk in response.streaming_content:
+            if seen is None and b"event: text" in chunk:
+                seen = time.time()
+        request = next(r for r in llm.requests if r.body["messages"][0]["content"] == f"sse {i}")
+        latencies.append((seen - request.first_token_at) * 1000)
+    return statistics.median(latencies)
+
+
+def main() -> None:
+    ensure_database()
+    reset()
+    user, _ = User.objects.get_or_create(username="bench")
+    api = APIClient()
+    api.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.get_or_create(user=user)[0].key}")
+    llm = FakeLLM().start()
+    llm.reset(response_delay=DELAY)
+    worker = start_worker(llm)
+    try:
+        direct_rate = direct(llm)
+        conveyor_rate = through_conveyor(api)
+        ttft = first_token_on_sse(api, llm)
+    finally:
+        worker.terminate()
+        worker.wait(30)
+        llm.stop()
+        reset()
+    print(f"\n{N} ai_generate jobs, provider answering in {DELAY * 1000:.0f} ms, concurrency {CONCURRENCY}")
+    print(f"{'direct SDK calls':<34} {direct_rate:8.1f} /s")
+    print(f"{'through Conveyor (submit->done)':<34} {conveyor_rate:8.1f} /s   ratio {conveyor_rate / direct_rate:5.2f}"
+          "  (target >= 0.8)")  # fmt: skip
+    print(f"{'first token, provider -> SSE':<34} {ttft:8.1f} ms  (target < 100 ms)")
+
+
+if __name__ == "__main__":
+    main()
