@@ -65,6 +65,8 @@ class FakeLLM:
 
 def _handler(fake: FakeLLM) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, and chunked streams, as real providers serve them
+
         def log_message(self, format: str, *args: Any) -> None:
             pass
 
@@ -109,15 +111,19 @@ def _handler(fake: FakeLLM) -> type[BaseHTTPRequestHandler]:
         def _events(self, events: list[tuple[str | None, dict | str]], delay: float) -> None:
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
-            self.end_headers()  # HTTP/1.0: the stream ends when the connection closes
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
             for name, data in events:
                 payload = data if isinstance(data, str) else json.dumps(data)
-                self.wfile.write(((f"event: {name}\n" if name else "") + f"data: {payload}\n\n").encode())
+                chunk = ((f"event: {name}\n" if name else "") + f"data: {payload}\n\n").encode()
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
                 self.wfile.flush()
                 if self.record.first_token_at is None and name in (None, "content_block_delta"):
                     self.record.first_token_at = time.time()
                 if delay and name in (None, "content_block_delta"):
                     time.sleep(delay)
+            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
 
         def _openai(self, body: dict, model: str, script: Script) -> None:
             text = "".join(script.tokens)
