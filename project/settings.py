@@ -80,7 +80,9 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     }
 else:
     DATABASES["default"].setdefault("CONN_MAX_AGE", env.int("DB_CONN_MAX_AGE", default=60))
-    DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+    # No ping before each reuse (a round trip per request and per job): a connection that died with
+    # a database restart fails once and is then replaced; workers retry their claim on a new one.
+    DATABASES["default"]["CONN_HEALTH_CHECKS"] = env.bool("DB_CONN_HEALTH_CHECKS", default=False)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Redis and Celery -----------------------------------------------------------------------
@@ -114,8 +116,8 @@ CELERY_WORKER_SEND_TASK_EVENTS = env.bool("CELERY_WORKER_SEND_TASK_EVENTS", defa
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 # Celery's Django fixup closes the database connection around every task unless this is set (a new
 # PostgreSQL connection per job, ~10x the cost of the job's own queries). With it, the connection is
-# kept; each job starts with Django's close_old_connections(), which honours CONN_MAX_AGE and
-# CONN_HEALTH_CHECKS as a web request does.
+# kept; each job starts with Django's close_old_connections(), which honours CONN_MAX_AGE as a web
+# request does.
 CELERY_DB_REUSE_MAX = 100_000
 CELERY_TASK_DEFAULT_QUEUE = "default"
 

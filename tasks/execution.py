@@ -18,7 +18,7 @@ from typing import Any
 from billiard.process import current_process
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
-from django.db import close_old_connections, connection
+from django.db import InterfaceError, OperationalError, close_old_connections, connection
 
 from apps.jobs import lifecycle
 from apps.jobs.dispatch import publish_safely
@@ -201,9 +201,14 @@ def run(job_id: str, *, task_id: str, worker: str) -> str | None:
     """Run one attempt of a job. Returns the status it ended in, or None if it was not ours to run."""
     close_old_connections()
     runner = runner_id()
-    job = lifecycle.claim(job_id, task_id=task_id, worker=worker, runner=runner) or take_over(
-        job_id, task_id=task_id, worker=worker, runner=runner
-    )
+    try:
+        job = lifecycle.claim(job_id, task_id=task_id, worker=worker, runner=runner)
+    except (InterfaceError, OperationalError):
+        # The kept connection died (a database restart): claim again on a new one. The claim is a
+        # single statement, so the failed one changed nothing.
+        connection.close()
+        job = lifecycle.claim(job_id, task_id=task_id, worker=worker, runner=runner)
+    job = job or take_over(job_id, task_id=task_id, worker=worker, runner=runner)
     if job is None:
         log.info(
             "job %s not claimable (already claimed, finished, cancelled or not due)",

@@ -9,6 +9,7 @@ import time
 import pytest
 import redis
 from django.conf import settings
+from django.db import connection
 from rest_framework.test import APIClient
 
 from apps.jobs.dispatch import publish
@@ -236,3 +237,21 @@ def test_queued_jobs_survive_a_redis_flushall(
     assert {job.status for job in jobs} == {Job.Status.SUCCEEDED}
     assert all(job.attempts == 1 for job in jobs)
     assert all(job.redispatched_at is not None for job in jobs)
+
+
+def test_a_worker_whose_database_connections_were_cut_claims_on_a_new_one(
+    worker: WorkerProcess, api: APIClient
+) -> None:
+    assert wait_final(submit(api)).status == Job.Status.SUCCEEDED  # the pool processes hold connections now
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        assert cursor.fetchone()[0] >= 1
+
+    jobs = [submit(api, payload={"message": f"after {i}"}) for i in range(4)]
+
+    for job_id in jobs:
+        job = wait_final(job_id)
+        assert (job.status, job.attempts) == (Job.Status.SUCCEEDED, 1)
