@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anthropic
+import httpx2
 import openai
 from django.conf import settings
 
@@ -64,7 +65,7 @@ def _translate(exc: Exception, provider: str, key: str) -> Exception:
     if isinstance(exc, openai.APITimeoutError | anthropic.APITimeoutError):
         return RetryableError(f"{provider}: timed out")
     if isinstance(exc, openai.APIConnectionError | anthropic.APIConnectionError):
-        return RetryableError(f"{provider}: could not connect: {detail}")
+        return RetryableError(f"{provider}: connection failed: {detail}")
     if status == 429 or (status is not None and status >= 500) or status == 408:
         return RetryableError(f"{provider} answered {status}: {detail}", retry_after=_retry_after(exc.response))
     return PermanentError(f"{provider} refused the request ({status}): {detail}")
@@ -79,6 +80,8 @@ def generate(request: dict[str, Any], key: str, on_delta: OnDelta) -> Generation
     except errors as exc:
         # `from None`: the SDK's exception carries the request, and with it the key, in its context.
         raise _translate(exc, provider, key) from None
+    except httpx2.TransportError as exc:  # the connection broke while the answer was streaming in
+        raise RetryableError(f"{provider}: connection failed: {redact(str(exc), key)}") from None
 
 
 def _openai(request: dict[str, Any], key: str, on_delta: OnDelta) -> Generation:

@@ -8,6 +8,7 @@ An error body echoes the key it was sent, as some servers do, so that redaction 
 """
 
 import json
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -58,6 +59,11 @@ class FakeLLM:
             self.requests.clear()
             self.script = Script(**script)
 
+    def cut_next(self) -> None:
+        """The next request gets the start of a stream, then the connection drops."""
+        with self.lock:
+            self.script.failures.append((0, {}, ""))
+
     def fail_next(self, status: int, message: str = "", headers: dict[str, str] | None = None) -> None:
         with self.lock:
             self.script.failures.append((status, headers or {}, message))
@@ -82,6 +88,8 @@ def _handler(fake: FakeLLM) -> type[BaseHTTPRequestHandler]:
                 fake.requests.append(record)
                 failure = fake.script.failures.pop(0) if fake.script.failures else None
                 script = fake.script
+            if failure and failure[0] == 0:  # cut: start streaming, then drop the connection
+                return self._cut()
             if failure:
                 status, headers, message = failure
                 message = message or f"request refused for key {key}"
@@ -97,6 +105,20 @@ def _handler(fake: FakeLLM) -> type[BaseHTTPRequestHandler]:
                 self._anthropic(body, model, script)
             else:
                 self._openai(body, model, script)
+
+        def _cut(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            chunk = (
+                b'data: {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "m", '
+                b'"choices": [{"index": 0, "delta": {"content": "par"}, "finish_reason": null}]}\n\n'
+            )
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
 
         def _json(self, status: int, body: dict, headers: dict[str, str] | None = None) -> None:
             data = json.dumps(body).encode()

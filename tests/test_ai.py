@@ -299,3 +299,15 @@ def test_the_sample_personas_are_valid_json() -> None:
     folder = Path(__file__).resolve().parent.parent / "personas"
     for path in folder.glob("*.json"):
         assert {"name", "system_prompt"} <= set(json.loads(path.read_text()))
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_stream_cut_off_midway_is_retried(worker: WorkerProcess, api: APIClient, llm: FakeLLM) -> None:
+    llm.cut_next()
+
+    job = generated(api, prompt="cut me off")
+
+    assert job.status == Job.Status.SUCCEEDED, job.error
+    assert job.attempts == 2
+    assert job.result["text"] == "Hello, world!"
+    assert "openai: connection failed" in job.events.get(type="retrying").message
