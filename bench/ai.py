@@ -35,8 +35,16 @@ KEY = "sk-bench-0123456789abcdef"
 EXTRA = os.environ.get("BENCH_AI_WORKER_ARGS", "").split()
 
 
-def start_worker(llm: FakeLLM) -> subprocess.Popen:
-    env = {**os.environ, "OPENAI_BASE_URL": f"{llm.url}/v1", "OPENAI_API_KEY": KEY, "AI_DEFAULT_PROVIDER": "openai"}
+def start_provider() -> tuple[subprocess.Popen, str]:
+    """The fake provider in a process of its own, as a real one would be (not sharing our GIL)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.fake_llm", str(DELAY)], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
+    return proc, proc.stdout.readline().strip()
+
+
+def start_worker(url: str) -> subprocess.Popen:
+    env = {**os.environ, "OPENAI_BASE_URL": f"{url}/v1", "OPENAI_API_KEY": KEY, "AI_DEFAULT_PROVIDER": "openai"}
     worker = subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "project", "worker", "-P", "prefork", "-c", str(CONCURRENCY),
          "-l", "WARNING", "-Q", "ai", "--without-gossip", "--without-mingle", *EXTRA],
@@ -49,8 +57,15 @@ def start_worker(llm: FakeLLM) -> subprocess.Popen:
     return worker
 
 
-def direct(llm: FakeLLM) -> float:
-    client = openai.OpenAI(base_url=f"{llm.url}/v1", api_key=KEY, max_retries=0)
+def stop(worker: subprocess.Popen) -> None:
+    worker.terminate()
+    worker.wait(30)
+    while current_app.control.ping(timeout=0.5):  # until it has left, so the next one is alone
+        time.sleep(0.2)
+
+
+def direct(url: str) -> float:
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
 
     def call(i: int) -> str:
         stream = client.chat.completions.create(
@@ -103,16 +118,21 @@ def main() -> None:
     user, _ = User.objects.get_or_create(username="bench")
     api = APIClient()
     api.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.get_or_create(user=user)[0].key}")
-    llm = FakeLLM().start()
-    llm.reset(response_delay=DELAY)
-    worker = start_worker(llm)
+    provider, url = start_provider()
+    worker = start_worker(url)
     try:
-        direct_rate = direct(llm)
+        direct_rate = direct(url)
         conveyor_rate = through_conveyor(api)
+    finally:
+        stop(worker)
+        provider.terminate()
+    # The first-token figure needs the provider's own clock: one in this process, and a worker on it.
+    llm = FakeLLM().start()
+    worker = start_worker(llm.url)
+    try:
         ttft = first_token_on_sse(api, llm)
     finally:
-        worker.terminate()
-        worker.wait(30)
+        stop(worker)
         llm.stop()
         reset()
     print(f"\n{N} ai_generate jobs, provider answering in {DELAY * 1000:.0f} ms, concurrency {CONCURRENCY}")

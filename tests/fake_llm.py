@@ -9,6 +9,7 @@ An error body echoes the key it was sent, as some servers do, so that redaction 
 
 import json
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -33,12 +34,18 @@ class Script:
     failures: list[tuple[int, dict[str, str], str]] = field(default_factory=list)
 
 
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # a client that hung up is no news
+            super().handle_error(request, client_address)
+
+
 class FakeLLM:
     def __init__(self) -> None:
         self.requests: list[Recorded] = []
         self.script = Script()
         self.lock = threading.Lock()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
+        self.server = _Server(("127.0.0.1", 0), _handler(self))
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
@@ -196,3 +203,10 @@ def _handler(fake: FakeLLM) -> type[BaseHTTPRequestHandler]:
             self._events(events, script.token_delay)
 
     return Handler
+
+
+if __name__ == "__main__":  # a provider of its own process, for benchmarks: python -m tests.fake_llm DELAY_S
+    fake = FakeLLM()
+    fake.reset(response_delay=float(sys.argv[1]) if len(sys.argv) > 1 else 0.0)
+    print(fake.url, flush=True)
+    fake.server.serve_forever()
