@@ -7,7 +7,8 @@ Two confinements, chosen by `JOB_SANDBOX`:
   process-count limit applies. Killing bwrap ends its PID namespace and everything in it.
 - **rlimit**: the command in a new session and process group, with the same resource limits and
   environment, but sharing the worker's file system and network. Descendants that left the group
-  (`setsid`) are found by a marker in their environment and killed.
+  (`setsid`) are found by a marker in their environment and killed; so are those of a job whose
+  worker process was killed outright, when the next job starts.
 
 Both: argv lists, never a shell; CPU time, address space, file size and process count limits; on
 timeout, cancel or a normal exit, every process the job started is killed.
@@ -196,7 +197,8 @@ def run_command(
     """
     if shutil.which(argv[0], path=search_path()) is None:
         raise PermanentError(f"{argv[0]!r} is not installed on this worker (looked in {search_path()})")
-    marker = uuid.uuid4().hex
+    reap_orphans()
+    marker = f"{os.getpid()}-{uuid.uuid4().hex}"  # names this process, so orphans can be told apart
     full_env = command_env(workspace, env or {}, marker)
     if workspace.sandbox == "bwrap":
         full_argv, popen_env = bwrap_argv(workspace, full_env, argv), {}
@@ -263,11 +265,32 @@ def kill_tree(proc: subprocess.Popen, marker: str | None) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    if not marker:
-        return
-    needle = f"{MARKER_VAR}={marker}".encode()
+    if marker:
+        _kill_marked(lambda found: found == marker)
+
+
+def reap_orphans() -> None:
+    """Kill what is left of jobs whose worker process died without cleaning up (SIGKILL, OOM): their
+    marker names that process, and it is gone. Only the rlimit mode can leave such orphans; bwrap's
+    namespace dies with its parent."""
+    _kill_marked(lambda found: not _alive(int(found.partition("-")[0] or 0)))
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _kill_marked(condition: Callable[[str], bool]) -> None:
     for _ in range(10):  # a survivor may fork while we look; look again until none is left
-        found = [pid for pid in _pids() if _has_marker(pid, needle)]
+        found = [pid for pid in _pids() if (marker := _marker(pid)) is not None and condition(marker)]
         if not found:
             return
         for pid in found:
@@ -280,9 +303,12 @@ def _pids() -> list[int]:
     return [int(name) for name in os.listdir("/proc") if name.isdigit()]
 
 
-def _has_marker(pid: int, needle: bytes) -> bool:
+def _marker(pid: int) -> str | None:
+    """The job marker in a process's environment, if it has one."""
+    prefix = f"{MARKER_VAR}=".encode()
     try:
         with open(f"/proc/{pid}/environ", "rb") as f:
-            return needle in f.read().split(b"\0")
+            entries = f.read().split(b"\0")
     except OSError:
-        return False
+        return None
+    return next((e[len(prefix) :].decode() for e in entries if e.startswith(prefix)), None)

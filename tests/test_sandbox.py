@@ -1,6 +1,9 @@
 """The sandboxed runner and the job log, called directly (no worker): both confinements, cleanup, limits."""
 
+import os
 import shutil
+import subprocess
+import sys
 import uuid
 
 import pytest
@@ -11,7 +14,7 @@ from apps.jobs import logs
 from apps.jobs.errors import PermanentError
 from apps.jobs.models import Job
 from tasks.joblog import JobLog
-from tasks.sandbox import CommandTimedOut, Output, Workspace, run_command
+from tasks.sandbox import MARKER_VAR, CommandTimedOut, Output, Workspace, run_command
 from tests.tooljobs import processes_with
 
 MODES = ["rlimit", pytest.param("bwrap", marks=pytest.mark.skipif(not shutil.which("bwrap"), reason="no bwrap"))]
@@ -112,3 +115,19 @@ def test_a_long_log_is_cut_with_a_visible_marker(settings: object, django_user_m
 def test_a_program_that_is_not_installed_is_a_permanent_error(workspace: Workspace) -> None:
     with pytest.raises(PermanentError, match="'no-such-tool' is not installed"):
         run_command(["no-such-tool", "--version"], workspace, Collect())
+
+
+def test_processes_left_by_a_dead_worker_process_are_reaped_when_the_next_job_starts(workspace: Workspace) -> None:
+    orphan_marker, live_marker = f"orphan-{uuid.uuid4().hex}", f"live-{uuid.uuid4().hex}"
+    spawn = [sys.executable, "-c", "import time; time.sleep(300)"]
+    orphan = subprocess.Popen([*spawn, orphan_marker], env={MARKER_VAR: "999999999-dead"}, start_new_session=True)
+    living = subprocess.Popen([*spawn, live_marker], env={MARKER_VAR: f"{os.getpid()}-alive"}, start_new_session=True)
+    try:
+        code, _ = run(workspace, "print('next job')")
+
+        assert code == 0
+        assert orphan.wait(5) == -9
+        assert processes_with(live_marker) == [living.pid]  # its owner is alive: not ours to kill
+    finally:
+        living.kill()
+        orphan.kill()
