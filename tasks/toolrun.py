@@ -66,6 +66,7 @@ class ToolRun:
                 self.log.line(f"[conveyor] artifact limit reached; {rel} and later files were not kept")
                 break
             kept.append(artifacts.describe(artifacts.store(self.job, rel, path)))
+        artifacts.drop_others(self.job, {a["name"] for a in kept})
         return kept
 
 

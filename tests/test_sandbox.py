@@ -12,9 +12,10 @@ from django.utils import timezone
 
 from apps.jobs import logs
 from apps.jobs.errors import PermanentError
-from apps.jobs.models import Job
+from apps.jobs.models import Artifact, Job
 from tasks.joblog import JobLog
 from tasks.sandbox import MARKER_VAR, CommandTimedOut, Output, Workspace, run_command
+from tasks.toolrun import ToolRun
 from tests.tooljobs import processes_with
 
 MODES = ["rlimit", pytest.param("bwrap", marks=pytest.mark.skipif(not shutil.which("bwrap"), reason="no bwrap"))]
@@ -131,3 +132,27 @@ def test_processes_left_by_a_dead_worker_process_are_reaped_when_the_next_job_st
     finally:
         living.kill()
         orphan.kill()
+
+
+@pytest.mark.django_db
+def test_artifacts_match_globs_skip_links_and_replace_an_earlier_attempts(django_user_model: object) -> None:
+    owner = django_user_model.objects.create_user("builder")
+    job = Job.objects.create(owner=owner, kind="build", payload={}, created_at=timezone.now())
+    workspace = Workspace.create()
+    try:
+        run = ToolRun(job, lambda percent, message="": None, workspace, JobLog(job.pk))
+        (workspace.src / "dist" / "sub").mkdir(parents=True)
+        (workspace.src / "dist" / "old.whl").write_bytes(b"old")
+        assert [a["name"] for a in run.collect_artifacts(["dist/*"])] == ["dist/old.whl"]
+
+        (workspace.src / "dist" / "old.whl").unlink()
+        (workspace.src / "dist" / "new.whl").write_bytes(b"new")
+        (workspace.src / "dist" / "sub" / "deep.txt").write_bytes(b"deep")
+        (workspace.src / "dist" / "passwd").symlink_to("/etc/passwd")
+        found = run.collect_artifacts(["dist/*"])
+
+        assert [a["name"] for a in found] == ["dist/new.whl"]  # no link, no file of a subfolder
+        assert list(Artifact.objects.filter(job=job).values_list("name", flat=True)) == ["dist/new.whl"]
+        assert [a["name"] for a in run.collect_artifacts(["dist/**"])] == ["dist/new.whl", "dist/sub/deep.txt"]
+    finally:
+        workspace.remove()

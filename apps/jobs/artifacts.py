@@ -26,6 +26,13 @@ def store(job: Job, name: str, path: Path) -> Artifact:
     return artifact
 
 
+def drop_others(job: Job, keep: set[str]) -> None:
+    """Remove the artifacts an earlier attempt left that this one did not produce again."""
+    for old in Artifact.objects.filter(job=job).exclude(name__in=keep):
+        old.file.delete(save=False)
+        old.delete()
+
+
 def describe(artifact: Artifact) -> dict:
     return {
         "name": artifact.name,
