@@ -92,7 +92,7 @@ def test_anthropic_gets_the_personas_system_prompt_and_the_users_key(
 def test_streamed_text_arrives_in_order_on_the_jobs_event_stream(
     worker: WorkerProcess, api: APIClient, llm: FakeLLM
 ) -> None:
-    llm.reset(tokens=[f"word{i} " for i in range(12)], token_delay=0.05)
+    llm.reset(tokens=[f"word{i} " for i in range(20)], token_delay=0.05)
     job_id = generate(api, prompt="stream please").json()["id"]
 
     body = b"".join(api.get(f"/api/jobs/{job_id}/stream/").streaming_content).decode()
@@ -104,7 +104,8 @@ def test_streamed_text_arrives_in_order_on_the_jobs_event_stream(
     ]
     final = Job.objects.get(pk=job_id)
     assert final.status == Job.Status.SUCCEEDED
-    assert "".join(deltas) == final.result["text"] == "".join(f"word{i} " for i in range(12))
+    assert "".join(deltas) == final.result["text"] == "".join(f"word{i} " for i in range(20))
+    assert '"message": "generating"' in body  # progress advanced while the text came in
     assert body.rstrip().rsplit("\n\n", 1)[-1].startswith("event: end")
 
 
