@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 _client: redis.Redis | None = None
 _outbox: "queue.SimpleQueue[tuple[str, str]] | None" = None
-_outbox_pid = 0
+_outbox_lock = threading.Lock()
 
 
 def client() -> redis.Redis:
@@ -40,19 +40,24 @@ def publish(job_id: UUID | str, event: dict[str, Any]) -> None:
     _queue().put((channel(job_id), json.dumps(event, default=str)))
 
 
-def flush(timeout: float = 5.0) -> None:
-    """Wait until what was published so far has been sent (tests, shutdown)."""
-    done = threading.Event()
-    _queue().put(("", done))  # type: ignore[arg-type]
-    done.wait(timeout)
-
-
 def _queue() -> "queue.SimpleQueue[tuple[str, str]]":
-    global _outbox, _outbox_pid
-    if _outbox is None or _outbox_pid != os.getpid():  # threads do not survive a fork
-        _outbox, _outbox_pid = queue.SimpleQueue(), os.getpid()
-        threading.Thread(target=_send, args=(_outbox,), name="conveyor-live", daemon=True).start()
+    global _outbox
+    if _outbox is None:
+        with _outbox_lock:  # one sender per process, so events keep their order
+            if _outbox is None:
+                outbox: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
+                threading.Thread(target=_send, args=(outbox,), name="conveyor-live", daemon=True).start()
+                _outbox = outbox
     return _outbox
+
+
+def _after_fork_in_child() -> None:
+    # The sender thread does not survive a fork, and the lock may have been held when it happened.
+    global _outbox, _outbox_lock
+    _outbox, _outbox_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _send(outbox: "queue.SimpleQueue[tuple[str, str]]") -> None:
@@ -60,17 +65,13 @@ def _send(outbox: "queue.SimpleQueue[tuple[str, str]]") -> None:
         batch = [outbox.get()]
         while not outbox.empty() and len(batch) < 500:
             batch.append(outbox.get())
-        markers = [data for name, data in batch if not name]
         try:
             with client().pipeline(transaction=False) as pipe:
                 for name, data in batch:
-                    if name:
-                        pipe.publish(name, data)
+                    pipe.publish(name, data)
                 pipe.execute()
         except redis.RedisError as exc:
-            log.warning("%d live event(s) not published: %s", len(batch) - len(markers), exc)
-        for marker in markers:
-            marker.set()
+            log.warning("%d live event(s) not published: %s", len(batch), exc)
 
 
 @contextmanager
