@@ -1,14 +1,15 @@
 """`POST /api/ai/generate/` (a shortcut for an ai_generate job) and `GET /api/personas/`."""
 
 from drf_spectacular.utils import extend_schema
-from rest_framework import serializers, status
+from rest_framework import serializers
 from rest_framework.decorators import api_view, throttle_classes
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from apps.jobs import ai, services
-from apps.jobs.api.serializers import JobSerializer, JobSubmitSerializer
+from apps.jobs import ai
+from apps.jobs.api.serializers import JobSerializer
 from apps.jobs.api.throttles import ReadThrottle, SubmitThrottle
+from apps.jobs.api.views import submit
 from apps.jobs.kinds import AIGeneratePayload
 
 JOB_FIELDS = ("priority", "max_attempts", "timeout_seconds", "run_at", "idempotency_key", "callback_url", "parent")
@@ -31,13 +32,7 @@ def generate(request: Request) -> Response:
     body = request.data if isinstance(request.data, dict) else {}
     spec = {"kind": "ai_generate", "payload": {k: v for k, v in body.items() if k not in JOB_FIELDS}}
     spec.update({k: body[k] for k in JOB_FIELDS if k in body})
-    submitted = JobSubmitSerializer(data=spec, context={"request": request})
-    submitted.is_valid(raise_exception=True)
-    validated = dict(submitted.validated_data)
-    if key := request.headers.get("Idempotency-Key"):
-        validated["idempotency_key"] = key[:200]
-    job, created = services.submit_job(request.user, validated)
-    return Response(JobSerializer(job).data, status=status.HTTP_201_CREATED if created else status.HTTP_200_OK)
+    return submit(request, spec)
 
 
 @extend_schema(responses=PersonaSerializer(many=True))

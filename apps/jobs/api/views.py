@@ -26,6 +26,21 @@ IDEMPOTENCY_HEADER = OpenApiParameter(
 )
 
 
+def submit(request: Request, data: object) -> Response:
+    """Validate one job submission, create it, and answer 201, or 200 with the job that an
+    Idempotency-Key (or a deduplicating kind) already names."""
+    submitted = JobSubmitSerializer(data=data, context={"request": request})
+    submitted.is_valid(raise_exception=True)
+    spec = dict(submitted.validated_data)
+    if key := request.headers.get("Idempotency-Key"):
+        spec["idempotency_key"] = key[:200]
+    job, created = services.submit_job(request.user, spec)
+    return Response(
+        JobSerializer(job).data,
+        status=status.HTTP_201_CREATED if created else status.HTTP_200_OK,
+    )
+
+
 class JobCursorPagination(CursorPagination):
     ordering = "-created_at"
     page_size = 50
@@ -52,16 +67,7 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
         parameters=[IDEMPOTENCY_HEADER],
     )
     def create(self, request: Request) -> Response:
-        submitted = JobSubmitSerializer(data=request.data, context={"request": request})
-        submitted.is_valid(raise_exception=True)
-        spec = dict(submitted.validated_data)
-        if key := request.headers.get("Idempotency-Key"):
-            spec["idempotency_key"] = key[:200]
-        job, created = services.submit_job(request.user, spec)
-        return Response(
-            JobSerializer(job).data,
-            status=status.HTTP_201_CREATED if created else status.HTTP_200_OK,
-        )
+        return submit(request, request.data)
 
     @extend_schema(request=BatchSubmitSerializer, responses={201: JobSerializer(many=True)})
     @action(detail=False, methods=["post"])
