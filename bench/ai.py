@@ -17,12 +17,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.throughput import ROOT, ensure_database, reset, wait  # first: it sets Django up
+from bench.throughput import ROOT, prepare, reset, wait  # first: it sets Django up
 
 import openai
 from celery import current_app
-from django.contrib.auth.models import User
-from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from apps.jobs.models import Job
@@ -113,11 +111,7 @@ def first_token_on_sse(api: APIClient, llm: FakeLLM, samples: int = 10) -> float
 
 
 def main() -> None:
-    ensure_database()
-    reset()
-    user, _ = User.objects.get_or_create(username="bench")
-    api = APIClient()
-    api.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.get_or_create(user=user)[0].key}")
+    _, api = prepare()
     provider, url = start_provider()
     worker = start_worker(url)
     try:

@@ -19,32 +19,26 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.throughput import ROOT, ensure_database, reset, start_worker  # first: it sets Django up
+from bench.throughput import prepare, reset, start_worker  # first: it sets Django up
 
-from django.conf import settings
-from django.contrib.auth.models import User
-from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from apps.jobs import live
 from apps.jobs.models import Job
 from tasks import sandbox
+from tests.tooljobs import SAMPLE, TOOLCHAIN_PYTHON, sample_files
 
 RUNS = int(os.environ.get("BENCH_RUNS", "10"))
-SAMPLE = ROOT / "tests" / "fixtures" / "sample"
-
-
-def sample_files() -> dict[str, str]:
-    return {p.relative_to(SAMPLE).as_posix(): p.read_text() for p in sorted(SAMPLE.rglob("*.py*")) if p.is_file()}
 
 
 def direct() -> float:
     with tempfile.TemporaryDirectory() as tmp:
         tree = Path(tmp) / "tree"
         shutil.copytree(SAMPLE, tree, ignore=shutil.ignore_patterns("__pycache__"))
-        python = str(settings.JOB_TOOLCHAIN / "bin" / "python")
         start = time.perf_counter()
-        subprocess.run([python, "-m", "pytest", "-q", "-p", "no:cacheprovider"], cwd=tree, capture_output=True)
+        subprocess.run(
+            [TOOLCHAIN_PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider"], cwd=tree, capture_output=True
+        )
         return time.perf_counter() - start
 
 
@@ -99,11 +93,7 @@ def through_conveyor(api: APIClient, files: dict[str, str]) -> tuple[float, floa
 
 
 def main() -> None:
-    ensure_database()
-    reset()
-    user, _ = User.objects.get_or_create(username="bench")
-    api = APIClient()
-    api.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.get_or_create(user=user)[0].key}")
+    _, api = prepare()
     files = sample_files()
     worker = start_worker()
     try:

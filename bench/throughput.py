@@ -159,12 +159,18 @@ def row(name: str, conveyor: float, raw: float, unit: str, target: str) -> None:
     )
 
 
-def main() -> None:
+def prepare() -> tuple[User, APIClient]:
+    """A migrated, emptied benchmark database and an API client of the `bench` user."""
     ensure_database()
     reset()
     user, _ = User.objects.get_or_create(username="bench")
     api = APIClient()
     api.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.get_or_create(user=user)[0].key}")
+    return user, api
+
+
+def main() -> None:
+    user, api = prepare()
     worker = start_worker()
     try:
         raw_publish, raw_e2e = raw_throughput()
