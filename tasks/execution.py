@@ -91,9 +91,8 @@ class Reporter:
         return value
 
     def flush(self) -> None:
-        with self._lock:
-            value, self._pending = self._pending, None
-            self._last_write = time.monotonic()
+        value = self.take_pending()
+        self._last_write = time.monotonic()
         if value:
             lifecycle.set_progress(self.job, *value)
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from apps.jobs.errors import PermanentError
 from apps.jobs.models import Job
-from tasks.toolrun import ToolRun, tool_run
+from tasks.toolrun import tool_run
 from tasks.types import Report
 
 DEFAULT_COMMAND = ["ruff", "check", "--output-format", "json"]
@@ -32,7 +32,8 @@ def handle(job: Job, report: Report) -> dict[str, Any]:
             raw = None
         if not isinstance(raw, list):
             raise PermanentError(f"the lint command exited with {code} without a ruff report; see the log")
-        diagnostics = [diagnostic(item, run) for item in raw]
+        src = run.workspace.inner(run.workspace.src)
+        diagnostics = [diagnostic(item, src) for item in raw]
         for d in diagnostics:
             run.log.line(f"{d['path']}:{d['line']}:{d['column']}: {d['code']} {d['message']}")
         run.log.line(f"[conveyor] {len(diagnostics)} diagnostics")
@@ -48,9 +49,9 @@ def handle(job: Job, report: Report) -> dict[str, Any]:
         return result
 
 
-def diagnostic(item: dict, run: ToolRun) -> dict[str, Any]:
+def diagnostic(item: dict, src: str) -> dict[str, Any]:
+    """One ruff finding, its path relative to the tree (`src` as the command saw it)."""
     path = item.get("filename") or ""
-    src = run.workspace.inner(run.workspace.src)
     if PurePosixPath(path).is_relative_to(src):
         path = PurePosixPath(path).relative_to(src).as_posix()
     location = item.get("location") or {}

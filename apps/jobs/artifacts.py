@@ -4,6 +4,7 @@ import hashlib
 from pathlib import Path, PurePosixPath
 
 from django.core.files import File
+from django.db.models import QuerySet
 from django.urls import reverse
 
 from apps.jobs.models import Artifact, Job
@@ -17,9 +18,7 @@ def store(job: Job, name: str, path: Path) -> Artifact:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
             size += len(block)
-    for old in Artifact.objects.filter(job=job, name=name):
-        old.file.delete(save=False)
-        old.delete()
+    _delete(Artifact.objects.filter(job=job, name=name))
     artifact = Artifact(job=job, name=name, size=size, sha256=digest.hexdigest())
     with open(path, "rb") as f:
         artifact.file.save(PurePosixPath(name).name, File(f), save=True)
@@ -28,9 +27,13 @@ def store(job: Job, name: str, path: Path) -> Artifact:
 
 def drop_others(job: Job, keep: set[str]) -> None:
     """Remove the artifacts an earlier attempt left that this one did not produce again."""
-    for old in Artifact.objects.filter(job=job).exclude(name__in=keep):
-        old.file.delete(save=False)
-        old.delete()
+    _delete(Artifact.objects.filter(job=job).exclude(name__in=keep))
+
+
+def _delete(artifacts: QuerySet[Artifact]) -> None:
+    for artifact in artifacts:
+        artifact.file.delete(save=False)
+        artifact.delete()
 
 
 def describe(artifact: Artifact) -> dict:
