@@ -25,6 +25,7 @@ from apps.jobs.dispatch import publish_safely
 from apps.jobs.errors import JobInterrupted, PermanentError, RetryableError
 from apps.jobs.models import Job, Status
 from tasks.handlers import HANDLERS
+from tasks.sandbox import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +44,7 @@ def process_is_gone(runner: str) -> bool:
     host, _, pid = runner.rpartition(":")
     if host != socket.gethostname() or not pid.isdigit():
         return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
+    return not pid_alive(int(pid))
 
 
 def backoff(attempt: int, retry_after: float | None = None) -> float:

@@ -273,10 +273,11 @@ def reap_orphans() -> None:
     """Kill what is left of jobs whose worker process died without cleaning up (SIGKILL, OOM): their
     marker names that process, and it is gone. Only the rlimit mode can leave such orphans; bwrap's
     namespace dies with its parent."""
-    _kill_marked(lambda found: not _alive(int(found.partition("-")[0] or 0)))
+    _kill_marked(lambda found: not pid_alive(int(found.partition("-")[0] or 0)))
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this id exists on this host (one of another user's counts)."""
     if pid <= 0:
         return False
     try:
