@@ -20,6 +20,7 @@ from rest_framework.response import Response
 
 from apps.jobs import live, logs, services
 from apps.jobs.api.errors import RequestTooLarge
+from apps.jobs.api.parsers import refuse_declared_over
 from apps.jobs.api.throttles import ReadThrottle, SubmitThrottle
 from apps.jobs.archives import ArchiveError
 from apps.jobs.models import Artifact, Job
@@ -141,10 +142,9 @@ UPLOAD_OUT = inline_serializer(
 
 class UploadParser(MultiPartParser):
     def parse(self, stream: object, media_type: str | None = None, parser_context: dict | None = None) -> object:
-        request = (parser_context or {}).get("request")
-        declared = request.META.get("CONTENT_LENGTH", "") if request is not None else ""
-        if declared.isdigit() and int(declared) > settings.UPLOAD_MAX_BYTES + 64 * 1024:
-            raise RequestTooLarge(f"Uploads are limited to {settings.UPLOAD_MAX_BYTES} bytes.")
+        # The multipart envelope around the file takes a little room of its own.
+        limit = settings.UPLOAD_MAX_BYTES + 64 * 1024
+        refuse_declared_over(parser_context, limit, f"Uploads are limited to {settings.UPLOAD_MAX_BYTES} bytes.")
         return super().parse(stream, media_type, parser_context)
 
 

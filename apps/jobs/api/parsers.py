@@ -7,6 +7,14 @@ from rest_framework.parsers import JSONParser
 from apps.jobs.api.errors import RequestTooLarge
 
 
+def refuse_declared_over(parser_context: dict | None, limit: int, message: str) -> None:
+    """413 before reading a body whose Content-Length already says it is too large."""
+    request = (parser_context or {}).get("request")
+    declared = request.META.get("CONTENT_LENGTH", "") if request is not None else ""
+    if declared.isdigit() and int(declared) > limit:
+        raise RequestTooLarge(message)
+
+
 class LimitedJSONParser(JSONParser):
     """JSON with a cap on the body size (DRF reads the stream itself, so Django's own cap never applies)."""
 
@@ -17,10 +25,7 @@ class LimitedJSONParser(JSONParser):
         parser_context: dict | None = None,
     ) -> Any:
         limit = settings.JOBS_MAX_REQUEST_BYTES
-        request = (parser_context or {}).get("request")
-        declared = request.META.get("CONTENT_LENGTH") if request is not None else None
-        if declared and declared.isdigit() and int(declared) > limit:
-            raise RequestTooLarge(f"Request body is larger than {limit} bytes.")
+        refuse_declared_over(parser_context, limit, f"Request body is larger than {limit} bytes.")
         body = stream.read(limit + 1) if stream is not None else b""
         if len(body) > limit:
             raise RequestTooLarge(f"Request body is larger than {limit} bytes.")
