@@ -6,9 +6,12 @@
 import logging
 from collections.abc import Sequence
 
-from celery import current_app
+from celery import Celery, current_app
 from django.conf import settings
 from django.db import transaction
+from kombu.entity import PERSISTENT_DELIVERY_MODE as DELIVERY_MODE
+from kombu.utils.json import dumps
+from kombu.utils.uuid import uuid
 
 from apps.jobs.callbacks import DELIVER_CALLBACK
 from apps.jobs.kinds import get_kind
@@ -42,13 +45,20 @@ def queue_for(job: Job) -> str:
     return get_kind(job.kind).queue
 
 
-def publish(jobs: Sequence[Job], *, countdown: float | None = None) -> None:
+def publish(jobs: Sequence[Job], *, countdown: float | None = None, app: Celery | None = None) -> None:
     """Send one message per job over one broker connection. Raises if the broker is unreachable."""
-    app = current_app
+    app = app or current_app
+    if not jobs:
+        return
+    if settings.BROKER_IS_REDIS and countdown is None:
+        _publish_redis(jobs, app)
+    else:
+        _publish_celery(jobs, app, countdown)
+
+
+def _publish_celery(jobs: Sequence[Job], app: Celery, countdown: float | None = None) -> None:
     grace = settings.JOBS_HARD_TIMEOUT_GRACE_SECONDS
-    # kombu pipelines the publishes of a batch on Redis (one round trip per PUBLISH_BATCH messages);
-    # other transports publish each message at once.
-    with app.producer_or_acquire() as producer, producer.batch(max_size=PUBLISH_BATCH):
+    with app.producer_or_acquire() as producer:
         for job in jobs:
             app.send_task(
                 RUN_JOB,
@@ -60,6 +70,57 @@ def publish(jobs: Sequence[Job], *, countdown: float | None = None) -> None:
                 countdown=countdown,
                 producer=producer,
             )
+
+
+def _publish_redis(jobs: Sequence[Job], app: Celery) -> None:
+    """The messages `send_task` would send, built from one template and pipelined to Redis.
+
+    `send_task` spends about 200 µs of Python per message (routing, signals, building the headers,
+    kombu's serializer registry); a batch of thousands made publishing the slowest part of a submission.
+    Here Celery builds one message (`as_task_v2`), each job's copy changes only what differs (ids,
+    time limits, priority, queue), and kombu's Redis channel wraps and pushes it as for any message
+    (`prepare_message`, then a publish batch: one round trip per PUBLISH_BATCH messages).
+    `tests/test_dispatch.py` pins the result to what `send_task` stores, field by field.
+    Not sent: the `before/after_task_publish` signals and the `task-sent` event (off by default).
+    """
+    grace = settings.JOBS_HARD_TIMEOUT_GRACE_SECONDS
+    template = app.amqp.as_task_v2("", RUN_JOB, args=[""], reply_to=app.thread_oid, ignore_result=None)
+    headers, properties, body = template.headers, template.properties, template.body
+    with app.producer_or_acquire() as producer:
+        channel = producer.channel
+        batch = channel.create_publish_batch(max_size=PUBLISH_BATCH)
+        try:
+            for job in jobs:
+                task_id, job_id = uuid(), str(job.pk)
+                message = channel.prepare_message(
+                    dumps(([job_id], *body[1:])),
+                    broker_priority(job.priority),
+                    "application/json",
+                    "utf-8",
+                    {
+                        **headers,
+                        "id": task_id,
+                        "root_id": task_id,
+                        "argsrepr": repr([job_id]),  # what saferepr gives for a list of one string
+                        "timelimit": [job.timeout_seconds + grace, job.timeout_seconds],
+                    },
+                    {**properties, "correlation_id": task_id, "delivery_mode": DELIVERY_MODE},
+                )
+                batch.publish(
+                    message,
+                    exchange="",
+                    routing_key=queue_for(job),
+                    mandatory=False,
+                    immediate=False,
+                    timeout=None,
+                    confirm_timeout=None,
+                )
+            batch.flush()
+        except BaseException:
+            batch.discard()
+            raise
+        finally:
+            batch.close()
 
 
 def publish_safely(jobs: Sequence[Job], *, countdown: float | None = None) -> bool:
