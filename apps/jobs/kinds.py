@@ -22,8 +22,9 @@ from apps.jobs.models import Upload
 class PayloadSerializer(serializers.Serializer):
     """A payload schema that refuses fields it does not know, so a typo is an error, not a no-op."""
 
-    def validate(self, attrs: dict) -> dict:
-        unknown = sorted(set(self.initial_data) - set(self.fields))
+    def to_internal_value(self, data: object) -> dict:
+        attrs = super().to_internal_value(data)  # refuses anything but a mapping
+        unknown = sorted(set(data) - set(self.fields))
         if unknown:
             raise serializers.ValidationError({name: ["Unknown field."] for name in unknown})
         return attrs
