@@ -15,16 +15,18 @@ SERVER_KEYS = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
 
 
 class TextStream:
-    """Each piece of text as it arrives, to live subscribers (`live.publish` only queues it: a
+    """Each piece of text as it arrives, to live subscribers (`live.publish_text` only queues it: a
     background thread sends what has gathered in one round trip), and progress with it."""
 
     def __init__(self, job: Job, report: Report) -> None:
         self.job = job
         self.report = report
-        self.produced = 0
+        self.produced = 0  # characters, for progress
+        self.offset = 0  # bytes, where the next piece starts in the attempt's text
 
     def add(self, text: str) -> None:
-        live.publish(self.job.pk, {"type": "text", "delta": text})
+        live.publish_text(self.job.pk, self.job.attempts, self.offset, text)
+        self.offset += len(text.encode())
         self.produced += len(text)
         # Tokens are not counted while streaming; about four characters each is close enough for a bar.
         self.report(min(95, 5 + 90 * self.produced / (4 * self.job.payload["max_tokens"])), "generating")

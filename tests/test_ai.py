@@ -2,6 +2,7 @@
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from apps.credentials.models import Credential
 from apps.credentials.services import key_for
 from apps.jobs.errors import PermanentError
 from apps.jobs.models import Job, JobEvent, LogChunk
-from tests.conftest import SERVER_ANTHROPIC_KEY, SERVER_OPENAI_KEY, WorkerProcess, wait_final
+from tests.conftest import SERVER_ANTHROPIC_KEY, SERVER_OPENAI_KEY, WorkerProcess, wait_final, wait_for
 from tests.fake_llm import FakeLLM
 
 USER_OPENAI_KEY = "sk-user-openai-abcdef0123456789"
@@ -107,6 +108,25 @@ def test_streamed_text_arrives_in_order_on_the_jobs_event_stream(
     assert "".join(deltas) == final.result["text"] == "".join(f"word{i} " for i in range(20))
     assert '"message": "generating"' in body  # progress advanced while the text came in
     assert body.rstrip().rsplit("\n\n", 1)[-1].startswith("event: end")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_stream_opened_midway_starts_with_the_text_so_far(
+    worker: WorkerProcess, api: APIClient, llm: FakeLLM
+) -> None:
+    llm.reset(tokens=[f"t{i} " for i in range(30)], token_delay=0.05)
+    job_id = generate(api, prompt="late reader").json()["id"]
+    # Open the stream only once part of the text has gone by.
+    wait_for(lambda: Job.objects.get(pk=job_id).progress_message == "generating", what="generation to start")
+    time.sleep(0.3)
+
+    body = b"".join(api.get(f"/api/jobs/{job_id}/stream/").streaming_content).decode()
+
+    texts = [json.loads(b.split("data: ", 1)[1]) for b in body.strip().split("\n\n") if b.startswith("event: text")]
+    assert len(texts[0]["delta"]) > len("t0 ")  # the first event carries what was generated before
+    assert texts[0]["offset"] == 0
+    assert "".join(t["delta"] for t in texts) == "".join(f"t{i} " for i in range(30))
+    assert wait_final(job_id).result["text"] == "".join(f"t{i} " for i in range(30))
 
 
 @pytest.mark.django_db(transaction=True)

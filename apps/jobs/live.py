@@ -2,7 +2,8 @@
 
 Publishing is fire-and-forget: events go through an in-process queue to a background thread, so a
 job never waits for Redis on its way (a transition, a token), and a Redis failure never fails a job.
-A subscriber that missed something reads it back from the job row and the stored log.
+A subscriber that missed something reads it back from the job row and the stored log, and an AI
+job's text so far from a Redis key kept beside its events (`publish_text`, `text_so_far`).
 """
 
 import json
@@ -21,7 +22,10 @@ from django.conf import settings
 log = logging.getLogger(__name__)
 
 _client: redis.Redis | None = None
-_outbox: "queue.SimpleQueue[tuple[str, str]] | None" = None
+# Redis commands to send, in order: ("publish", channel, data), ("append", key, text), ...
+Command = tuple[str, ...]
+_outbox: "queue.SimpleQueue[Command] | None" = None
+TEXT_TTL_SECONDS = 3600
 _outbox_lock = threading.Lock()
 
 
@@ -37,15 +41,35 @@ def channel(job_id: UUID | str) -> str:
 
 
 def publish(job_id: UUID | str, event: dict[str, Any]) -> None:
-    _queue().put((channel(job_id), json.dumps(event, default=str)))
+    _queue().put(("publish", channel(job_id), json.dumps(event, default=str)))
 
 
-def _queue() -> "queue.SimpleQueue[tuple[str, str]]":
+def text_key(job_id: UUID | str, attempt: int) -> str:
+    return f"conveyor:text:{job_id}:{attempt}"
+
+
+def publish_text(job_id: UUID | str, attempt: int, offset: int, delta: str) -> None:
+    """A piece of an attempt's generated text, starting at byte `offset` of it: kept (so a subscriber
+    arriving late reads what came before, see `text_so_far`), then published as a `text` event."""
+    key = text_key(job_id, attempt)
+    outbox = _queue()
+    outbox.put(("append", key, delta))
+    outbox.put(("expire", key, str(TEXT_TTL_SECONDS)))
+    outbox.put(
+        ("publish", channel(job_id), json.dumps({"type": "text", "attempt": attempt, "offset": offset, "delta": delta}))
+    )
+
+
+def text_so_far(job_id: UUID | str, attempt: int) -> str:
+    return (client().get(text_key(job_id, attempt)) or b"").decode("utf-8", "replace")
+
+
+def _queue() -> "queue.SimpleQueue[Command]":
     global _outbox
     if _outbox is None:
         with _outbox_lock:  # one sender per process, so events keep their order
             if _outbox is None:
-                outbox: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
+                outbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
                 threading.Thread(target=_send, args=(outbox,), name="conveyor-live", daemon=True).start()
                 _outbox = outbox
     return _outbox
@@ -60,18 +84,18 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _send(outbox: "queue.SimpleQueue[tuple[str, str]]") -> None:
+def _send(outbox: "queue.SimpleQueue[Command]") -> None:
     while True:
         batch = [outbox.get()]
         while not outbox.empty() and len(batch) < 500:
             batch.append(outbox.get())
         try:
             with client().pipeline(transaction=False) as pipe:
-                for name, data in batch:
-                    pipe.publish(name, data)
+                for command, *args in batch:
+                    getattr(pipe, command)(*args)
                 pipe.execute()
         except redis.RedisError as exc:
-            log.warning("%d live event(s) not published: %s", len(batch), exc)
+            log.warning("%d live event command(s) not sent: %s", len(batch), exc)
 
 
 @contextmanager

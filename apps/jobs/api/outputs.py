@@ -75,8 +75,8 @@ def _snapshot(job: Job) -> dict:
 
 
 def job_events(job: Job, offset: int) -> Iterator[str]:
-    """`status` first, the stored log from `offset`, then live `log`, `progress`, `status` (and the
-    kinds' own, such as `text` for AI jobs) until the job is final: then `end` with its last state."""
+    """`status` first, the stored log from `offset`, an AI job's text so far, then live `log`,
+    `progress`, `status` and `text` events until the job is final: then `end` with its last state."""
     with live.subscription(job.pk) as subscription:  # subscribe before reading, so nothing falls between
         job.refresh_from_db()
         yield sse("status", _snapshot(job))
@@ -86,6 +86,12 @@ def job_events(job: Job, offset: int) -> Iterator[str]:
                 break
             yield sse("log", {"offset": offset, "text": text})
             offset = end
+        # (attempt, bytes) of generated text already sent; a live piece starting before that is not new.
+        text_sent = (job.attempts, 0)
+        generating = job.kind == "ai_generate" and job.status == Job.Status.RUNNING
+        if generating and (so_far := live.text_so_far(job.pk, job.attempts)):
+            yield sse("text", {"attempt": job.attempts, "offset": 0, "delta": so_far})
+            text_sent = (job.attempts, len(so_far.encode()))
         quiet_since = time.monotonic()
         while not job.is_final:
             message = subscription.get_message(timeout=1.0)
@@ -101,6 +107,8 @@ def job_events(job: Job, offset: int) -> Iterator[str]:
                 if event["offset"] < offset:
                     continue  # already sent from the stored log
                 offset = event["offset"] + len(event["text"].encode())
+            elif kind == "text" and event["attempt"] == text_sent[0] and event["offset"] < text_sent[1]:
+                continue  # already sent with the text so far
             quiet_since = time.monotonic()
             yield sse(kind, event)
             if kind == "status":
