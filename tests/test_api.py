@@ -184,6 +184,35 @@ def test_a_batch_is_all_created_or_none(api: APIClient) -> None:
     assert Job.objects.count() == 2
 
 
+def test_a_batch_stores_the_same_rows_as_single_submissions(api: APIClient) -> None:
+    # A batch is written with COPY, a single job with one INSERT statement: the rows must not differ.
+    parent = api.post("/api/jobs/", ECHO, format="json").json()["id"]
+    specs = [
+        {"kind": "echo", "payload": {"message": 'ünïcode \\ "quoted"\n\ttabbed'}, "priority": "low"},
+        {**ECHO, "run_at": "2999-01-01T00:00:00Z", "max_attempts": 7, "timeout_seconds": 12},
+        {**ECHO, "idempotency_key": "key-1", "callback_url": "http://127.0.0.1:9/hook", "parent": parent},
+        {"kind": "lint", "payload": {"source": {"files": {"a.py": "x = 1\n"}}, "env": {"A": "b"}}},
+    ]
+    single = [api.post("/api/jobs/", spec, format="json").json()["id"] for spec in specs]
+    Job.objects.filter(pk__in=single).update(idempotency_key=None)  # so that the batch may use the key again
+    batch = [job["id"] for job in api.post("/api/jobs/batch/", {"jobs": specs}, format="json").json()["jobs"]]
+
+    def stored(ids: list[str]) -> list[dict]:
+        rows = []
+        for job in Job.objects.filter(pk__in=ids).order_by("priority", "kind", "run_at", "parent"):
+            row = {f.attname: getattr(job, f.attname) for f in Job._meta.concrete_fields}
+            for name in ("id", "created_at", "queued_at"):
+                row[name] = row[name] is not None  # differ between the two, but set or not alike
+            del row["idempotency_key"]  # cleared on the single ones; checked below
+            row["events"] = list(job.events.values_list("type", "status", "message", "data"))
+            rows.append(row)
+        return rows
+
+    assert len(set(batch) - set(single)) == 4
+    assert stored(batch) == stored(single)
+    assert Job.objects.get(pk=batch[2]).idempotency_key == "key-1"
+
+
 def test_a_batch_over_the_limit_is_refused(api: APIClient, settings: object) -> None:
     settings.JOBS_MAX_BATCH = 3
 

@@ -16,6 +16,7 @@ from django.utils import timezone
 
 from apps.jobs import live
 from apps.jobs.dispatch import publish_callback_on_commit
+from apps.jobs.inserts import copy_insert, insert_parts
 from apps.jobs.models import ACTIVE_STATUSES, Job, JobEvent, Status
 
 RETRYABLE_FINAL = (Status.FAILED, Status.TIMED_OUT, Status.CANCELLED)
@@ -113,7 +114,14 @@ def _transition(
 
 
 def create_jobs(jobs: list[Job]) -> list[Job]:
-    """Insert new jobs (queued, or scheduled when `run_at` is in the future) with their first event."""
+    """Insert new jobs (queued, or scheduled when `run_at` is in the future) with their first event.
+
+    On PostgreSQL one job is one statement (its event inserted from the job's RETURNING), atomic by
+    itself, so outside a transaction it costs one round trip instead of BEGIN, two INSERTs and
+    COMMIT; a batch is two COPYs.
+    """
+    if not jobs:
+        return jobs
     now = timezone.now()
     for job in jobs:
         job.created_at = job.created_at or now
@@ -121,14 +129,25 @@ def create_jobs(jobs: list[Job]) -> list[Job]:
             job.status = Status.SCHEDULED
         else:
             job.status, job.queued_at = Status.QUEUED, now
-    with transaction.atomic():
-        if len(jobs) == 1:
-            jobs[0].save(force_insert=True)
-        else:
+    events = [JobEvent(job_id=job.id, at=now, type=job.status, status=job.status) for job in jobs]
+    if connection.vendor != "postgresql":
+        with transaction.atomic():
             Job.objects.bulk_create(jobs)
-        JobEvent.objects.bulk_create(
-            JobEvent(job_id=job.id, at=now, type=job.status, status=job.status) for job in jobs
+            JobEvent.objects.bulk_create(events)
+    elif len(jobs) == 1:
+        insert_job, job_values, job_params = insert_parts(Job, jobs[0])
+        insert_event, event_values, event_params = insert_parts(JobEvent, events[0])
+        sql = (
+            f"WITH job AS ({insert_job} VALUES ({job_values}) RETURNING id) "  # noqa: S608 (model metadata)
+            f"{insert_event} SELECT {event_values} FROM job"
         )
+        with connection.cursor() as cursor:
+            cursor.execute(sql, [*job_params, *event_params])
+        jobs[0]._state.adding, jobs[0]._state.db = False, connection.alias
+    else:
+        with transaction.atomic(savepoint=False):
+            copy_insert(Job, jobs)
+            copy_insert(JobEvent, events)
     return jobs
 
 

@@ -1,6 +1,7 @@
 """Writes: submitting, cancelling and retrying jobs. Views, the admin and tasks call these."""
 
 import hashlib
+from contextlib import nullcontext
 from datetime import timedelta
 from typing import Any
 
@@ -47,8 +48,12 @@ def submit_job(owner: AbstractBaseUser, spec: dict[str, Any]) -> tuple[Job, bool
     if key and (existing := Job.objects.filter(owner=owner, idempotency_key=key).first()):
         return existing, False
     job = build_job(owner, spec)
+    # A transaction only where one is needed: to look for a duplicate under its lock, or to keep
+    # the caller's transaction usable should the insert fail. Otherwise creating the job is one
+    # statement (see create_jobs), and the job is published as soon as it returns.
+    needs_transaction = bool(job.dedupe_key) or connection.in_atomic_block
     try:
-        with transaction.atomic():
+        with transaction.atomic() if needs_transaction else nullcontext():
             if job.dedupe_key and (duplicate := find_duplicate(owner, job.dedupe_key)):
                 return duplicate, False
             lifecycle.create_jobs([job])

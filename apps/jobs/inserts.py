@@ -1,0 +1,46 @@
+"""Inserting rows on PostgreSQL faster than the ORM's `save` and `bulk_create`, values prepared by
+their model fields exactly as the ORM prepares them. An auto-incremented primary key is left to the
+database and not read back."""
+
+from collections.abc import Iterable
+
+from django.db import connections, router
+from django.db.backends.base.base import BaseDatabaseWrapper
+from django.db.models import Field, Model
+
+
+def _columns(model: type[Model]) -> list[Field]:
+    meta = model._meta
+    return [field for field in meta.local_concrete_fields if field is not meta.auto_field]
+
+
+def _values(fields: list[Field], obj: Model, connection: BaseDatabaseWrapper) -> list:
+    return [field.get_db_prep_save(field.pre_save(obj, True), connection) for field in fields]
+
+
+def _connection(model: type[Model]) -> tuple[str, BaseDatabaseWrapper]:
+    alias = router.db_for_write(model)
+    return alias, connections[alias]  # the wrapper itself: `django.db.connection` is a proxy per access
+
+
+def insert_parts(model: type[Model], obj: Model) -> tuple[str, str, list]:
+    """(`INSERT INTO <table> (<columns>)`, `%s, %s, ...`, parameters) for one object: the pieces to
+    combine with other statements into one (see `lifecycle.create_jobs`)."""
+    _, connection = _connection(model)
+    fields = _columns(model)
+    columns = ", ".join(connection.ops.quote_name(field.column) for field in fields)
+    head = f"INSERT INTO {connection.ops.quote_name(model._meta.db_table)} ({columns})"
+    return head, ", ".join(["%s"] * len(fields)), _values(fields, obj, connection)
+
+
+def copy_insert(model: type[Model], objs: Iterable[Model]) -> None:
+    """Insert `objs` as `bulk_create` would, in one `COPY ... FROM STDIN`. For 5,000 jobs, about
+    half the time of `bulk_create`, which builds one parameterised INSERT of every value."""
+    alias, connection = _connection(model)
+    fields = _columns(model)
+    columns = ", ".join(connection.ops.quote_name(field.column) for field in fields)
+    statement = f"COPY {connection.ops.quote_name(model._meta.db_table)} ({columns}) FROM STDIN"
+    with connection.cursor() as cursor, cursor.cursor.copy(statement) as copy:
+        for obj in objs:
+            copy.write_row(_values(fields, obj, connection))
+            obj._state.adding, obj._state.db = False, alias  # saved, as bulk_create marks them
