@@ -16,8 +16,8 @@ from django.utils import timezone
 
 from apps.jobs import live
 from apps.jobs.dispatch import publish_callback_on_commit
-from apps.jobs.inserts import copy_insert, insert_parts
 from apps.jobs.models import ACTIVE_STATUSES, Job, JobEvent, Status
+from apps.jobs.rows import copy_insert, from_row, insert_parts, returning
 
 RETRYABLE_FINAL = (Status.FAILED, Status.TIMED_OUT, Status.CANCELLED)
 CLEARED_ATTEMPT = {"runner": "", "heartbeat_at": None}
@@ -179,10 +179,12 @@ def claim(job_id: UUID, *, task_id: str, worker: str, runner: str) -> Job | None
         sql = (
             f"WITH moved AS ({update} RETURNING *), event AS ({INSERT_EVENT}"  # noqa: S608 (built from model metadata)
             "SELECT id, %s, %s, %s, 'attempt ' || attempts || ' on ' || worker, "
-            "jsonb_build_object('attempt', attempts) FROM moved) SELECT * FROM moved"
+            f"jsonb_build_object('attempt', attempts) FROM moved) SELECT {returning(Job)} FROM moved"
         )
-        claimed = list(Job.objects.raw(sql, [*update_params, at, "running", Status.RUNNING]))
-        job = claimed[0] if claimed else None
+        with connection.cursor() as cursor:
+            cursor.execute(sql, [*update_params, at, "running", Status.RUNNING])
+            row = cursor.fetchone()
+        job = row and from_row(Job, row)
     else:
         queryset = Job.objects.filter(pk=job_id, status__in=[Status.QUEUED, Status.RETRYING]).exclude(run_at__gt=now)
         with transaction.atomic():
