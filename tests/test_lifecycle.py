@@ -38,6 +38,22 @@ def test_only_one_of_two_claims_wins(user: User) -> None:
     assert (first.status, first.attempts, first.worker) == (Job.Status.RUNNING, 1, "w1")
 
 
+def test_the_claimed_job_equals_its_stored_row(user: User) -> None:
+    # The claim builds the Job from its statement's RETURNING row, converting values itself.
+    spec = {"kind": "echo", "payload": {"message": 'ü \\ "q"', "sleep_ms": 5}, "run_at": None, "priority": "high"}
+    job = lifecycle.create_jobs([build_job(user, spec)])[0]
+
+    claimed = lifecycle.claim(job.pk, task_id="t1", worker="w1", runner="h:1")
+
+    stored = Job.objects.get(pk=job.pk)
+    for field in Job._meta.concrete_fields:
+        assert getattr(claimed, field.attname) == getattr(stored, field.attname), field.name
+    assert claimed.payload == spec["payload"]
+    assert claimed.started_at.tzinfo is not None
+    assert claimed._state.adding is False
+    assert list(stored.events.values_list("type", "message")) == [("queued", ""), ("running", "attempt 1 on w1")]
+
+
 def test_a_finished_attempt_of_another_process_is_refused(user: User) -> None:
     job = lifecycle.claim(new_job(user).pk, task_id="t1", worker="w1", runner="h:1")
     job.runner = "h:2"  # a stale process that lost the job
