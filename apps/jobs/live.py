@@ -54,7 +54,8 @@ def publish_text(job_id: UUID | str, attempt: int, offset: int, delta: str) -> N
     key = text_key(job_id, attempt)
     outbox = _queue()
     outbox.put(("append", key, delta))
-    outbox.put(("expire", key, str(TEXT_TTL_SECONDS)))
+    if offset == 0:  # APPEND keeps the key's expiry: set once, beyond the longest job
+        outbox.put(("expire", key, str(settings.JOBS_MAX_TIMEOUT_SECONDS + TEXT_TTL_SECONDS)))
     outbox.put(
         ("publish", channel(job_id), json.dumps({"type": "text", "attempt": attempt, "offset": offset, "delta": delta}))
     )
