@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.throughput import ROOT, prepare, reset, wait  # first: it sets Django up
+from bench.throughput import ROOT, prepare, reset, stop_worker, wait  # first: it sets Django up
 
 import openai
 from celery import current_app
@@ -46,20 +46,13 @@ def start_worker(url: str) -> subprocess.Popen:
     worker = subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "project", "worker", "-P", "prefork", "-c", str(CONCURRENCY),
          "-l", "WARNING", "-Q", "ai", "--without-gossip", "--without-mingle", *EXTRA],
-        cwd=ROOT, env=env,
+        cwd=ROOT, env=env, start_new_session=True,
     )  # fmt: skip
     deadline = time.monotonic() + 60
     while len(current_app.control.ping(timeout=0.5)) < 1:
         if time.monotonic() > deadline:
             raise SystemExit("worker did not start")
     return worker
-
-
-def stop(worker: subprocess.Popen) -> None:
-    worker.terminate()
-    worker.wait(30)
-    while current_app.control.ping(timeout=0.5):  # until it has left, so the next one is alone
-        time.sleep(0.2)
 
 
 def direct(url: str) -> float:
@@ -118,7 +111,7 @@ def main() -> None:
         direct_rate = direct(url)
         conveyor_rate = through_conveyor(api)
     finally:
-        stop(worker)
+        stop_worker(worker)
         provider.terminate()
     # The first-token figure needs the provider's own clock: one in this process, and a worker on it.
     llm = FakeLLM().start()
@@ -126,7 +119,7 @@ def main() -> None:
     try:
         ttft = first_token_on_sse(api, llm)
     finally:
-        stop(worker)
+        stop_worker(worker)
         llm.stop()
         reset()
     print(f"\n{N} ai_generate jobs, provider answering in {DELAY * 1000:.0f} ms, concurrency {CONCURRENCY}")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.throughput import prepare, reset, start_worker  # first: it sets Django up
+from bench.throughput import prepare, reset, start_worker, stop_worker  # first: it sets Django up
 
 from rest_framework.test import APIClient
 
@@ -102,8 +102,7 @@ def main() -> None:
         direct_times = [direct() for _ in range(RUNS)]
         runs = [through_conveyor(api, files) for _ in range(RUNS)]
     finally:
-        worker.terminate()
-        worker.wait(30)
+        stop_worker(worker)
         reset()
     d = statistics.median(direct_times) * 1000
     c = statistics.median(r[0] for r in runs) * 1000

@@ -7,6 +7,7 @@ both emptied first.
 """
 
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -70,7 +71,7 @@ def start_worker() -> subprocess.Popen:
     worker = subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "project", "worker", "-P", "prefork", "-c", "2", "-l", "WARNING",
          "-Q", ",".join(settings.JOBS_QUEUES), "--include", "bench.raw", "--without-gossip", "--without-mingle"],
-        cwd=ROOT, env=os.environ.copy(),
+        cwd=ROOT, env=os.environ.copy(), start_new_session=True,
     )  # fmt: skip
     deadline = time.monotonic() + 30
     while not current_app.control.ping(timeout=0.5):
@@ -79,11 +80,25 @@ def start_worker() -> subprocess.Popen:
     return worker
 
 
-def wait(condition, timeout: float = 600, interval: float = 0.01) -> None:
+def stop_worker(worker: subprocess.Popen) -> None:
+    """Warm shutdown; killed if it takes over 30 s. Returns once no worker answers a ping, so that
+    the next measurement's worker is alone."""
+    worker.terminate()
+    try:
+        worker.wait(30)
+    except subprocess.TimeoutExpired:
+        print("worker: no warm shutdown within 30 s, killed", file=sys.stderr)
+        os.killpg(worker.pid, signal.SIGKILL)  # its pool processes too: it leads its own session
+        worker.wait()
+    while current_app.control.ping(timeout=0.5):
+        time.sleep(0.2)
+
+
+def wait(condition, timeout: float = 600, interval: float = 0.01, what: str = "the condition") -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
-            raise SystemExit("timed out")
+            raise SystemExit(f"timed out after {timeout} s waiting for {what}")
         time.sleep(interval)
 
 
@@ -93,7 +108,7 @@ def raw_throughput() -> tuple[float, float]:
     for _ in range(N):
         noop.apply_async(queue="default", priority=6)
     published = time.perf_counter()
-    wait(lambda: int(R.get("bench:done") or 0) >= N)
+    wait(lambda: int(R.get("bench:done") or 0) >= N, what="raw tasks to drain")
     drained = time.perf_counter()
     return N / (published - start), N / (drained - start)
 
@@ -104,7 +119,7 @@ def conveyor_throughput(api: APIClient) -> tuple[float, float]:
     response = api.post("/api/jobs/batch/", body, format="json")
     accepted = time.perf_counter()
     assert response.status_code == 201, response.content[:500]
-    wait(lambda: Job.objects.filter(status=Job.Status.SUCCEEDED).count() >= N, interval=0.05)
+    wait(lambda: Job.objects.filter(status=Job.Status.SUCCEEDED).count() >= N, interval=0.05, what="jobs to succeed")
     done = time.perf_counter()
     return N / (accepted - start), N / (done - start)
 
@@ -187,8 +202,7 @@ def main() -> None:
         reset()
         prio = conveyor_priority(api)
     finally:
-        worker.terminate()
-        worker.wait(30)
+        stop_worker(worker)
         reset()
     print(
         f"\n{N} jobs, backlog {BACKLOG}, worker prefork -c 2, "
