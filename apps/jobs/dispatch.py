@@ -81,8 +81,8 @@ def _publish_redis(jobs: Sequence[Job], app: Celery) -> None:
 
     `send_task` spends about 200 µs of Python per message (routing, signals, building the headers,
     kombu's serializer registry), and kombu builds a new Redis client for every publish: a batch of
-    thousands made publishing the slowest part of a submission, and a single job's publish a third
-    of its pickup latency. Here Celery builds the message once per process (`as_task_v2`), each
+    thousands made publishing the slowest part of a submission, and a single job's publish about a
+    fifth of its pickup latency. Here Celery builds the message once per process (`as_task_v2`), each
     job's copy changes only what differs (ids, time limits, priority, queue), kombu's Redis channel
     wraps it as it wraps any message (`prepare_message`, `_inplace_augment_message`) and names its
     priority list (`_q_for_pri`), and one kept client on the channel's connection pool pushes them,
