@@ -4,6 +4,7 @@ Tests that need the worker must use `django_db(transaction=True)`: the worker is
 and only sees committed rows.
 """
 
+import json
 import os
 import signal
 import subprocess
@@ -39,6 +40,16 @@ def wait_for(condition: Callable[[], object], timeout: float = 20, interval: flo
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
+
+
+def sse_events(body: str) -> list[tuple[str, dict]]:
+    """(event, data) of each Server-Sent Event in a stream's body; comments (keepalives) left out."""
+    events = []
+    for block in body.strip().split("\n\n"):
+        if block.startswith("event: "):
+            name, _, data = block.partition("\ndata: ")
+            events.append((name.removeprefix("event: "), json.loads(data)))
+    return events
 
 
 def wait_final(job_id: object, timeout: float = 20) -> Job:

@@ -16,7 +16,7 @@ from apps.credentials.models import Credential
 from apps.credentials.services import key_for
 from apps.jobs.errors import PermanentError
 from apps.jobs.models import Job, JobEvent, LogChunk
-from tests.conftest import SERVER_ANTHROPIC_KEY, SERVER_OPENAI_KEY, WorkerProcess, wait_final, wait_for
+from tests.conftest import SERVER_ANTHROPIC_KEY, SERVER_OPENAI_KEY, WorkerProcess, sse_events, wait_final, wait_for
 from tests.fake_llm import FakeLLM
 
 USER_OPENAI_KEY = "sk-user-openai-abcdef0123456789"
@@ -98,11 +98,7 @@ def test_streamed_text_arrives_in_order_on_the_jobs_event_stream(
 
     body = b"".join(api.get(f"/api/jobs/{job_id}/stream/").streaming_content).decode()
 
-    deltas = [
-        json.loads(block.split("data: ", 1)[1])["delta"]
-        for block in body.strip().split("\n\n")
-        if block.startswith("event: text")
-    ]
+    deltas = [data["delta"] for event, data in sse_events(body) if event == "text"]
     final = Job.objects.get(pk=job_id)
     assert final.status == Job.Status.SUCCEEDED
     assert "".join(deltas) == final.result["text"] == "".join(f"word{i} " for i in range(20))
@@ -122,7 +118,7 @@ def test_a_stream_opened_midway_starts_with_the_text_so_far(
 
     body = b"".join(api.get(f"/api/jobs/{job_id}/stream/").streaming_content).decode()
 
-    texts = [json.loads(b.split("data: ", 1)[1]) for b in body.strip().split("\n\n") if b.startswith("event: text")]
+    texts = [data for event, data in sse_events(body) if event == "text"]
     assert len(texts[0]["delta"]) > len("t0 ")  # the first event carries what was generated before
     assert texts[0]["offset"] == 0
     assert "".join(t["delta"] for t in texts) == "".join(f"t{i} " for i in range(30))

@@ -10,7 +10,7 @@ from rest_framework.test import APIClient
 
 from apps.jobs.models import Job
 from tasks import sandbox
-from tests.conftest import WorkerProcess, wait_final, wait_for
+from tests.conftest import WorkerProcess, sse_events, wait_final, wait_for
 from tests.tooljobs import (
     TOOLCHAIN_PYTHON,
     full_log,
@@ -238,7 +238,7 @@ def test_the_log_streams_live_over_server_sent_events(worker: WorkerProcess, api
     assert response.status_code == 200
     assert response["Content-Type"] == "text/event-stream"
     body = b"".join(response.streaming_content).decode()
-    events = [block.split("\n")[0].removeprefix("event: ") for block in body.strip().split("\n\n")]
+    events = [event for event, _ in sse_events(body)]
     assert events[0] == "status"
     assert events[-1] == "end"
     assert '"status": "succeeded"' in body.rsplit("event: end", 1)[1]
