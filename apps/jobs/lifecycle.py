@@ -129,25 +129,27 @@ def create_jobs(jobs: list[Job]) -> list[Job]:
             job.status = Status.SCHEDULED
         else:
             job.status, job.queued_at = Status.QUEUED, now
-    events = [JobEvent(job_id=job.id, at=now, type=job.status, status=job.status) for job in jobs]
-    if connection.vendor != "postgresql":
-        with transaction.atomic():
-            Job.objects.bulk_create(jobs)
-            JobEvent.objects.bulk_create(events)
-    elif len(jobs) == 1:
+    if connection.vendor == "postgresql" and len(jobs) == 1:
+        # The timeline entry is selected from the job's RETURNING, as in the transitions.
         insert_job, job_values, job_params = insert_parts(Job, jobs[0])
-        insert_event, event_values, event_params = insert_parts(JobEvent, events[0])
+        at = JobEvent._meta.get_field("at").get_db_prep_value(now, connection)
         sql = (
             f"WITH job AS ({insert_job} VALUES ({job_values}) RETURNING id) "  # noqa: S608 (model metadata)
-            f"{insert_event} SELECT {event_values} FROM job"
+            f"{INSERT_EVENT}SELECT id, %s, %s, %s, '', NULL FROM job"
         )
         with connection.cursor() as cursor:
-            cursor.execute(sql, [*job_params, *event_params])
+            cursor.execute(sql, [*job_params, at, jobs[0].status, jobs[0].status])
         jobs[0]._state.adding, jobs[0]._state.db = False, connection.alias
-    else:
+        return jobs
+    events = [JobEvent(job_id=job.id, at=now, type=job.status, status=job.status) for job in jobs]
+    if connection.vendor == "postgresql":
         with transaction.atomic(savepoint=False):
             copy_insert(Job, jobs)
             copy_insert(JobEvent, events)
+    else:
+        with transaction.atomic():
+            Job.objects.bulk_create(jobs)
+            JobEvent.objects.bulk_create(events)
     return jobs
 
 

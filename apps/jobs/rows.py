@@ -20,6 +20,10 @@ def _values(fields: list[Field], obj: Model, connection: BaseDatabaseWrapper) ->
     return [field.get_db_prep_save(field.pre_save(obj, True), connection) for field in fields]
 
 
+def _column_list(fields: Iterable[Field], connection: BaseDatabaseWrapper) -> str:
+    return ", ".join(connection.ops.quote_name(field.column) for field in fields)
+
+
 def _connection(model: type[Model]) -> tuple[str, BaseDatabaseWrapper]:
     alias = router.db_for_write(model)
     return alias, connections[alias]  # the wrapper itself: `django.db.connection` is a proxy per access
@@ -30,8 +34,7 @@ def insert_parts(model: type[Model], obj: Model) -> tuple[str, str, list]:
     combine with other statements into one (see `lifecycle.create_jobs`)."""
     _, connection = _connection(model)
     fields = _columns(model)
-    columns = ", ".join(connection.ops.quote_name(field.column) for field in fields)
-    head = f"INSERT INTO {connection.ops.quote_name(model._meta.db_table)} ({columns})"
+    head = f"INSERT INTO {connection.ops.quote_name(model._meta.db_table)} ({_column_list(fields, connection)})"
     return head, ", ".join(["%s"] * len(fields)), _values(fields, obj, connection)
 
 
@@ -40,8 +43,9 @@ def copy_insert(model: type[Model], objs: Iterable[Model]) -> None:
     half the time of `bulk_create`, which builds one parameterised INSERT of every value."""
     alias, connection = _connection(model)
     fields = _columns(model)
-    columns = ", ".join(connection.ops.quote_name(field.column) for field in fields)
-    statement = f"COPY {connection.ops.quote_name(model._meta.db_table)} ({columns}) FROM STDIN"
+    statement = (
+        f"COPY {connection.ops.quote_name(model._meta.db_table)} ({_column_list(fields, connection)}) FROM STDIN"
+    )
     with connection.cursor() as cursor, cursor.cursor.copy(statement) as copy:
         for obj in objs:
             copy.write_row(_values(fields, obj, connection))
@@ -61,7 +65,7 @@ def _converters(model: type[Model], alias: str) -> tuple[tuple[Field, tuple[Call
 def returning(model: type[Model]) -> str:
     """The columns of `model` for a `RETURNING` (or `SELECT`) clause, in the order `from_row` reads."""
     _, connection = _connection(model)
-    return ", ".join(connection.ops.quote_name(field.column) for field in model._meta.concrete_fields)
+    return _column_list(model._meta.concrete_fields, connection)
 
 
 def from_row(model: type[Model], row: Sequence) -> Model:
