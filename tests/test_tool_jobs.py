@@ -195,8 +195,8 @@ LINGER = """
 import subprocess, sys, time
 marker = sys.argv[1]
 subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)", marker])
-subprocess.Popen([sys.executable, "-c", "import os, time; os.setsid(); time.sleep(300)", marker],
-                 start_new_session=True)
+# In a session of its own (setsid before exec), out of the job's process group.
+subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)", marker], start_new_session=True)
 print("started", flush=True)
 time.sleep(300)
 """
