@@ -46,6 +46,7 @@ from bench.raw import noop  # noqa: E402
 
 N = int(os.environ.get("BENCH_N", "5000"))
 BACKLOG = int(os.environ.get("BENCH_BACKLOG", "10000"))
+CONCURRENCY = os.environ.get("BENCH_CONCURRENCY", "2")
 R = redis.Redis.from_url(settings.REDIS_URL)
 
 
@@ -69,7 +70,7 @@ def reset() -> None:
 
 def start_worker() -> subprocess.Popen:
     worker = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "project", "worker", "-P", "prefork", "-c", "2", "-l", "WARNING",
+        [sys.executable, "-m", "celery", "-A", "project", "worker", "-P", "prefork", "-c", CONCURRENCY, "-l", "WARNING",
          "-Q", ",".join(settings.JOBS_QUEUES), "--include", "bench.raw", "--without-gossip", "--without-mingle"],
         cwd=ROOT, env=os.environ.copy(), start_new_session=True,
     )  # fmt: skip
@@ -205,7 +206,7 @@ def main() -> None:
         stop_worker(worker)
         reset()
     print(
-        f"\n{N} jobs, backlog {BACKLOG}, worker prefork -c 2, "
+        f"\n{N} jobs, backlog {BACKLOG}, worker prefork -c {CONCURRENCY}, "
         f"broker {settings.CELERY_BROKER_URL}, db {connection.vendor}"
     )
     row("end-to-end", e2e, raw_e2e, "/s", "target ratio >= 0.6")

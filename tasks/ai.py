@@ -15,8 +15,8 @@ SERVER_KEYS = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
 
 
 class TextStream:
-    """Each piece of text as it arrives, to live subscribers (`live.publish_text` only queues it: a
-    background thread sends what has gathered in one round trip), and progress with it."""
+    """Each piece of text as it arrives, to live subscribers (`live.publish_text` writes it to Redis
+    without waiting for a reply), and progress with it."""
 
     def __init__(self, job: Job, report: Report) -> None:
         self.job = job

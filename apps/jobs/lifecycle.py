@@ -7,11 +7,12 @@ transition into the job's timeline in the same transaction. Functions return whe
 
 from collections.abc import Iterable
 from datetime import timedelta
+from functools import cache
 from typing import Any
 from uuid import UUID
 
-from django.db import connection, transaction
-from django.db.models import F
+from django.db import DEFAULT_DB_ALIAS, connection, connections, transaction
+from django.db.models import F, Field
 from django.utils import timezone
 
 from apps.jobs import live
@@ -49,23 +50,42 @@ def _update_sql(
     """`UPDATE job SET <fields> WHERE id = job_id AND status IN from_statuses AND <where equalities>`.
 
     Written out rather than compiled by the ORM for each call: compiling cost more CPU than the
-    statement itself on the hot path. Values are prepared by their model fields, as the ORM would.
+    statement itself on the hot path. The text is built once per shape of call; values are prepared
+    by their model fields, as the ORM would.
     """
-    sets, params = [extra_set] if extra_set else [], []
-    for name, value in fields.items():
-        field = Job._meta.get_field(name)
-        sets.append(f'"{field.column}" = %s')
-        params.append(field.get_db_prep_save(value, connection))
-    conditions = ['"id" = %s', '"status" = ANY(%s)']
-    params += [job_id, list(from_statuses)]
-    for name, value in where.items():
-        field = Job._meta.get_field(name)
-        conditions.append(f'"{field.column}" = %s')
-        params.append(field.get_db_prep_value(value, connection))
+    sql, set_fields, where_fields = _update_template(
+        tuple(fields), tuple(where), tuple(map(str, from_statuses)), extra_set, extra_where[0] if extra_where else ""
+    )
+    db = connections[DEFAULT_DB_ALIAS]  # the wrapper itself: `connection` is a proxy, per attribute
+    params = [field.get_db_prep_save(value, db) for field, value in zip(set_fields, fields.values(), strict=True)]
+    params.append(job_id)
+    params += [field.get_db_prep_value(value, db) for field, value in zip(where_fields, where.values(), strict=True)]
     if extra_where:
-        conditions.append(extra_where[0])
         params += extra_where[1]
-    return f'UPDATE "{JOB_TABLE}" SET {", ".join(sets)} WHERE {" AND ".join(conditions)}', params  # noqa: S608
+    return sql, params
+
+
+@cache
+def _update_template(
+    set_names: tuple[str, ...],
+    where_names: tuple[str, ...],
+    from_statuses: tuple[str, ...],
+    extra_set: str,
+    extra_where: str,
+) -> tuple[str, tuple[Field, ...], tuple[Field, ...]]:
+    """The text of `_update_sql`'s statement, and the fields whose values fill its placeholders."""
+    set_fields = tuple(Job._meta.get_field(name) for name in set_names)
+    where_fields = tuple(Job._meta.get_field(name) for name in where_names)
+    if not set(from_statuses) <= set(Status.values):
+        raise ValueError(f"unknown status in {from_statuses}")
+    statuses = ", ".join(f"'{status}'" for status in from_statuses)  # known constants, written inline
+    sets = [extra_set] if extra_set else []
+    sets += [f'"{field.column}" = %s' for field in set_fields]
+    conditions = ['"id" = %s', f'"status" IN ({statuses})', *(f'"{field.column}" = %s' for field in where_fields)]
+    if extra_where:
+        conditions.append(extra_where)
+    sql = f'UPDATE "{JOB_TABLE}" SET {", ".join(sets)} WHERE {" AND ".join(conditions)}'  # noqa: S608
+    return sql, set_fields, where_fields
 
 
 # On PostgreSQL a transition is one statement: `WITH moved AS (UPDATE ... RETURNING ...)` followed by

@@ -1,16 +1,19 @@
 """Live job events over Redis pub/sub: status changes, progress, log output, partial AI text.
 
-Publishing is fire-and-forget: events go through an in-process queue to a background thread, so a
-job never waits for Redis on its way (a transition, a token), and a Redis failure never fails a job.
-A subscriber that missed something reads it back from the job row and the stored log, and an AI
-job's text so far from a Redis key kept beside its events (`publish_text`, `text_so_far`).
+Publishing is fire-and-forget. Each process keeps one Redis connection on which it sends commands
+without waiting for their replies: a job pays for one socket write per event, not a round trip, and
+replies are read (and any error logged) on later sends, once they have arrived. A Redis failure
+never fails a job: events are dropped, a warning is logged once, and publishing pauses for a few
+seconds before it connects again, so an unreachable Redis cannot slow every job down. A subscriber
+that missed something reads it back from the job row and the stored log, and an AI job's text so
+far from a Redis key kept beside its events (`publish_text`, `text_so_far`).
 """
 
 import json
 import logging
 import os
-import queue
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -18,15 +21,16 @@ from uuid import UUID
 
 import redis
 from django.conf import settings
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 log = logging.getLogger(__name__)
 
 _client: redis.Redis | None = None
-# Redis commands to send, in order: ("publish", channel, data), ("append", key, text), ...
-Command = tuple[str, ...]
-_outbox: "queue.SimpleQueue[Command] | None" = None
 TEXT_TTL_SECONDS = 3600
-_outbox_lock = threading.Lock()
+# How long publishing pauses after Redis failed, and how long a connect or a write may take.
+PAUSE_SECONDS = 5.0
+SOCKET_TIMEOUT_SECONDS = 1.0
 
 
 def client() -> redis.Redis:
@@ -41,7 +45,7 @@ def channel(job_id: UUID | str) -> str:
 
 
 def publish(job_id: UUID | str, event: dict[str, Any]) -> None:
-    _queue().put(("publish", channel(job_id), json.dumps(event, default=str)))
+    _publisher().send(("PUBLISH", channel(job_id), json.dumps(event, default=str)))
 
 
 def text_key(job_id: UUID | str, attempt: int) -> str:
@@ -52,51 +56,98 @@ def publish_text(job_id: UUID | str, attempt: int, offset: int, delta: str) -> N
     """A piece of an attempt's generated text, starting at byte `offset` of it: kept (so a subscriber
     arriving late reads what came before, see `text_so_far`), then published as a `text` event."""
     key = text_key(job_id, attempt)
-    outbox = _queue()
-    outbox.put(("append", key, delta))
+    commands = [("APPEND", key, delta)]
     if offset == 0:  # APPEND keeps the key's expiry: set once, beyond the longest job
-        outbox.put(("expire", key, str(settings.JOBS_MAX_TIMEOUT_SECONDS + TEXT_TTL_SECONDS)))
-    outbox.put(
-        ("publish", channel(job_id), json.dumps({"type": "text", "attempt": attempt, "offset": offset, "delta": delta}))
-    )
+        commands.append(("EXPIRE", key, settings.JOBS_MAX_TIMEOUT_SECONDS + TEXT_TTL_SECONDS))
+    event = {"type": "text", "attempt": attempt, "offset": offset, "delta": delta}
+    commands.append(("PUBLISH", channel(job_id), json.dumps(event)))
+    _publisher().send(*commands)
 
 
 def text_so_far(job_id: UUID | str, attempt: int) -> str:
     return (client().get(text_key(job_id, attempt)) or b"").decode("utf-8", "replace")
 
 
-def _queue() -> "queue.SimpleQueue[Command]":
-    global _outbox
-    if _outbox is None:
-        with _outbox_lock:  # one sender per process, so events keep their order
-            if _outbox is None:
-                outbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
-                threading.Thread(target=_send, args=(outbox,), name="conveyor-live", daemon=True).start()
-                _outbox = outbox
-    return _outbox
+class Publisher:
+    """Sends Redis commands on one connection without waiting for their replies. Thread-safe: the
+    commands of one process reach Redis in the order they were sent."""
+
+    def __init__(self, url: str) -> None:
+        self._pool = redis.ConnectionPool.from_url(
+            url,
+            socket_timeout=SOCKET_TIMEOUT_SECONDS,
+            socket_connect_timeout=SOCKET_TIMEOUT_SECONDS,
+            retry=Retry(NoBackoff(), 0),
+            health_check_interval=0,  # a health check would read a reply that belongs to a command
+        )
+        self._lock = threading.Lock()
+        self._connection: redis.connection.AbstractConnection | None = None
+        self._unread = 0  # replies not read yet
+        self._paused_until = 0.0
+        self._dropped = 0
+
+    def send(self, *commands: tuple[Any, ...]) -> None:
+        with self._lock:
+            if self._paused_until and time.monotonic() < self._paused_until:
+                self._dropped += len(commands)
+                return
+            try:
+                connection = self._connect()
+                self._read_arrived_replies(connection)
+                connection.send_packed_command(connection.pack_commands(commands), check_health=False)
+                self._unread += len(commands)
+            except (redis.RedisError, OSError) as exc:
+                self._failed(exc, len(commands))
+
+    def _connect(self) -> "redis.connection.AbstractConnection":
+        if self._connection is None:
+            self._connection, self._unread, self._paused_until = self._pool.get_connection(), 0, 0.0
+            if self._dropped:
+                log.warning("live events: Redis reachable again; %d command(s) were dropped", self._dropped)
+                self._dropped = 0
+        return self._connection
+
+    def _read_arrived_replies(self, connection: "redis.connection.AbstractConnection") -> None:
+        while self._unread and connection.can_read(timeout=0):
+            self._unread -= 1
+            try:
+                connection.read_response()
+            except redis.ResponseError as exc:  # one command refused (say, Redis out of memory)
+                log.warning("live events: Redis refused a command: %s", exc)
+
+    def _failed(self, exc: Exception, count: int) -> None:
+        if self._connection is not None:
+            self._connection.disconnect()
+            self._pool.release(self._connection)
+        self._connection = None
+        if not self._dropped:  # once per outage
+            log.warning("live events: Redis unreachable (%s); dropping them, retrying every %.0f s", exc, PAUSE_SECONDS)
+        self._dropped += count
+        self._paused_until = time.monotonic() + PAUSE_SECONDS
+
+
+_instance: Publisher | None = None
+_instance_lock = threading.Lock()
+
+
+def _publisher() -> Publisher:
+    global _instance
+    if _instance is None:
+        with _instance_lock:
+            if _instance is None:
+                _instance = Publisher(settings.REDIS_URL)
+    return _instance
 
 
 def _after_fork_in_child() -> None:
-    # The sender thread does not survive a fork, and the lock may have been held when it happened.
-    global _outbox, _outbox_lock
-    _outbox, _outbox_lock = None, threading.Lock()
+    # The parent's connection is not this process's to use, and a lock may have been held when the
+    # fork happened. Dropping the publisher leaves the parent's socket alone (redis-py shuts a
+    # socket down only in the process that opened it).
+    global _instance, _instance_lock
+    _instance, _instance_lock = None, threading.Lock()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def _send(outbox: "queue.SimpleQueue[Command]") -> None:
-    while True:
-        batch = [outbox.get()]
-        while not outbox.empty() and len(batch) < 500:
-            batch.append(outbox.get())
-        try:
-            with client().pipeline(transaction=False) as pipe:
-                for command, *args in batch:
-                    getattr(pipe, command)(*args)
-                pipe.execute()
-        except redis.RedisError as exc:
-            log.warning("%d live event command(s) not sent: %s", len(batch), exc)
 
 
 @contextmanager
