@@ -2,7 +2,7 @@
 
 Publishing is fire-and-forget. Each process keeps one Redis connection on which it sends commands
 without waiting for their replies: a job pays for one socket write per event, not a round trip, and
-replies are read (and any error logged) on later sends, once they have arrived. A Redis failure
+replies are read (and any error logged) later, a batch at a time, once they have arrived. A Redis failure
 never fails a job: events are dropped, a warning is logged once, and publishing pauses for a few
 seconds before it connects again, so an unreachable Redis cannot slow every job down. A subscriber
 that missed something reads it back from the job row and the stored log, and an AI job's text so
@@ -31,6 +31,9 @@ TEXT_TTL_SECONDS = 3600
 # How long publishing pauses after Redis failed, and how long a connect or a write may take.
 PAUSE_SECONDS = 5.0
 SOCKET_TIMEOUT_SECONDS = 1.0
+# Replies (PUBLISH answers a count, a refused command an error) are read once this many are due:
+# few enough that they never fill a socket buffer, and no read attempt for each event.
+READ_REPLIES_AFTER = 64
 
 
 def client() -> redis.Redis:
@@ -93,7 +96,8 @@ class Publisher:
                 return
             try:
                 connection = self._connect()
-                self._read_arrived_replies(connection)
+                if self._unread >= READ_REPLIES_AFTER:
+                    self._read_arrived_replies(connection)
                 connection.send_packed_command(connection.pack_commands(commands), check_health=False)
                 self._unread += len(commands)
             except (redis.RedisError, OSError) as exc:
