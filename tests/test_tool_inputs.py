@@ -2,13 +2,17 @@
 
 import hashlib
 import io
+import subprocess
 import tarfile
 import zipfile
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from django.test import override_settings
 from rest_framework.test import APIClient
 
+from apps.jobs.archives import extract
 from apps.jobs.models import Job, Upload
 from tests.tooljobs import sample_files, tar_gz, upload, zip_bytes
 
@@ -171,3 +175,140 @@ def test_an_upload_without_a_file_is_a_400(api: APIClient) -> None:
 
 def test_uploads_need_a_token() -> None:
     assert APIClient().post("/api/uploads/", {}, format="multipart").status_code == 401
+
+
+# --- archives as people make them ---------------------------------------------------------------------
+
+
+def _tar_of_directory(tmp_path: Path) -> bytes:
+    """What `tar czf src.tgz -C project .` writes: `./`, `./pkg/`, `./pkg/x.py`."""
+    project = tmp_path / "project"
+    (project / "pkg").mkdir(parents=True)
+    (project / "pkg" / "x.py").write_text("x = 1\n")
+    (project / "README").write_text("hello\n")
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        archive.add(project, arcname=".")
+    return buffer.getvalue()
+
+
+def _git_archive(tmp_path: Path) -> bytes:
+    """`git archive --format=tar.gz --prefix=project-1.0/` of a two-file repository."""
+    repo = tmp_path / "repo"
+    (repo / "pkg").mkdir(parents=True)
+    (repo / "pkg" / "x.py").write_text("x = 1\n")
+    (repo / "README").write_text("hello\n")
+    git = ["git", "-C", str(repo), "-c", "user.name=Test", "-c", "user.email=test@example.com"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "one"], check=True)
+    archive = [*git, "archive", "--format=tar.gz", "--prefix=project-1.0/", "HEAD"]
+    return subprocess.run(archive, check=True, capture_output=True).stdout
+
+
+def _hard_linked() -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        archive.addfile(_directory("project-1.0"))
+        a = tarfile.TarInfo("project-1.0/README")
+        a.size = len(b"hello\n")
+        archive.addfile(a, io.BytesIO(b"hello\n"))
+        archive.addfile(_link("project-1.0/pkg/x.py", "project-1.0/README", tarfile.LNKTYPE))
+    return buffer.getvalue()
+
+
+def _directory(name: str) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.DIRTYPE
+    return info
+
+
+def _link(name: str, target: str, kind: bytes) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = target
+    return info
+
+
+TWO_FILES = {"README": "hello\n", "pkg/x.py": "x = 1\n"}
+
+
+@pytest.mark.parametrize(
+    ("name", "make", "tree"),
+    [
+        ("dot.tar.gz", _tar_of_directory, TWO_FILES),
+        ("git.tar.gz", _git_archive, TWO_FILES),
+        ("prefixed.tar.gz", lambda _: tar_gz({f"project-1.0/{k}": v for k, v in TWO_FILES.items()}), TWO_FILES),
+        (
+            "prefixed.zip",
+            lambda _: zip_bytes({"project-1.0/": "", **{f"project-1.0/{k}": v for k, v in TWO_FILES.items()}}),
+            TWO_FILES,
+        ),
+        ("dot.zip", lambda _: zip_bytes({"./": "", **{f"./{k}": v for k, v in TWO_FILES.items()}}), TWO_FILES),
+        ("two.tar.gz", lambda _: tar_gz({"a/x.py": "x", "b/y.py": "y"}), {"a/x.py": "x", "b/y.py": "y"}),
+        ("two.zip", lambda _: zip_bytes({"a/x.py": "x", "b/y.py": "y"}), {"a/x.py": "x", "b/y.py": "y"}),
+        ("linked.tar.gz", lambda _: _hard_linked(), {"README": "hello\n", "pkg/x.py": "hello\n"}),
+    ],
+)
+def test_an_archive_as_people_make_it_is_accepted_and_counts_what_unpacks(
+    api: APIClient, tmp_path: Path, name: str, make: Callable[[Path], bytes], tree: dict[str, str]
+) -> None:
+    response = upload(api, name, make(tmp_path))
+
+    assert response.status_code == 201, response.content
+    stored = Upload.objects.get(pk=response.json()["id"])
+    dest = tmp_path / "src"
+    dest.mkdir()
+    with stored.file.open("rb") as f:
+        extract(f, dest)
+    unpacked = {p.relative_to(dest).as_posix(): p.read_text() for p in dest.rglob("*") if not p.is_dir()}
+    assert unpacked == tree
+    assert stored.files == len(unpacked)
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (tar_gz({"project/ok.py": "x", "project/../../x": "x"}), "'..'"),
+        (_tar_with(_symlink("project/a", "../../etc/passwd")), "outside"),
+        # inside the tree as archived (project/x), outside it once the single folder project/ is stripped
+        (_tar_with(_symlink("project/a/b", "../../x")), "outside"),
+        (zip_bytes({"project/ok.py": "x", "project/../../x": "x"}), "'..'"),
+    ],
+)
+def test_an_escape_under_a_single_top_level_folder_is_still_refused(api: APIClient, data: bytes, reason: str) -> None:
+    response = upload(api, "escape.tar.gz", data)
+
+    assert response.status_code == 400
+    assert reason in response.json()["file"][0]
+    assert Upload.objects.count() == 0
+
+
+@pytest.mark.parametrize(
+    ("name", "make", "reason"),
+    [
+        ("files.tar.gz", lambda: tar_gz({f"f{i}": "" for i in range(5_000)}), "more than 100 files"),
+        ("dirs.tar.gz", lambda: _tar_with_all([_directory(f"d{i}") for i in range(5_000)]), "more than 200 entries"),
+        ("files.zip", lambda: zip_bytes({f"f{i}": "" for i in range(5_000)}), "more than 200 entries"),
+        ("dirs.zip", lambda: zip_bytes({f"d{i}/": "" for i in range(5_000)}), "more than 200 entries"),
+    ],
+)
+def test_an_archive_with_too_many_members_is_refused(
+    api: APIClient, name: str, make: Callable[[], bytes], reason: str
+) -> None:
+    data = make()
+
+    with override_settings(JOB_SOURCE_MAX_FILES=100):
+        response = upload(api, name, data)
+
+    assert response.status_code == 400
+    assert reason in response.json()["file"][0]
+    assert Upload.objects.count() == 0
+
+
+def _tar_with_all(members: list[tarfile.TarInfo]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        for member in members:
+            archive.addfile(member)
+    return buffer.getvalue()

@@ -1,19 +1,42 @@
 """Source archives (tar.gz, zip) and inline file trees: checked before anything is written.
 
-An archive member may not be absolute, climb out with `..`, be a link that points outside the tree,
-or be a device; the tree has limits on its file count and unpacked size. The same checks run when an
-upload arrives (so the user hears at once) and again when a worker unpacks it (so a file changed on
-disk since is not trusted).
+An archive is read as its author's adversary would write it: members are streamed and the limits on
+file count, entry count and unpacked size stop the read the moment they are passed. A member may not
+be absolute, climb out with `..`, be a link that points outside the tree, or be a device.
+
+Archives are taken as people make them: `tar czf src.tgz -C project .` writes `./` and `./pkg/x.py`,
+`git archive --prefix=project-1.0/` and GitHub tarballs put everything under one folder. `_normalise`
+maps both formats onto the tree the user means (no `./`, no single top-level folder), and every check
+that depends on a path runs after it. The same code runs when an upload arrives (so the user hears at
+once, and the stored counts match what is unpacked) and again when a worker unpacks it (so a file
+changed on disk since is not trusted).
 """
 
+import contextlib
+import dataclasses
+import errno
+import functools
+import gzip
+import os
 import stat
+import struct
 import tarfile
 import zipfile
+import zlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
+from typing import BinaryIO, Literal
 
 from django.conf import settings
+
+Kind = Literal["file", "dir", "symlink", "hardlink"]
+
+_DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_BLOCK = 64 * 1024
+# Errors that mean the archive contradicts itself (a name twice, a file where a folder goes), not the disk.
+_MEMBER_CONFLICTS = {errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.ELOOP}
 
 
 class ArchiveError(ValueError):
@@ -27,8 +50,25 @@ class ArchiveInfo:
     unpacked_size: int
 
 
-def check_relative_path(name: str) -> PurePosixPath:
-    """A path inside the tree, or ArchiveError: not absolute, no `..`, no backslashes or NULs."""
+@dataclass(frozen=True)
+class _Member:
+    """A member of either format: `name` as written (for messages), `parts` where it goes."""
+
+    name: str
+    parts: tuple[str, ...]  # `./` and `.` dropped; () is the tree's root
+    kind: Kind
+    size: int
+    target: str  # a symlink's target (relative to the link) or a hard link's (from the archive root)
+    source: tarfile.TarInfo | zipfile.ZipInfo
+
+
+def _max_entries() -> int:
+    # Directories are not files, but a million empty ones is as costly to read as a million files.
+    return 2 * settings.JOB_SOURCE_MAX_FILES
+
+
+def _parts(name: str) -> tuple[str, ...]:
+    """A member's path split, with `.` components dropped, or ArchiveError if it could leave the tree."""
     if not name or "\0" in name or "\\" in name:
         raise ArchiveError(f"{name!r}: not a valid path")
     path = PurePosixPath(name)
@@ -36,15 +76,21 @@ def check_relative_path(name: str) -> PurePosixPath:
         raise ArchiveError(f"{name!r}: absolute paths are not allowed")
     if ".." in path.parts:
         raise ArchiveError(f"{name!r}: '..' would leave the source tree")
-    if path.parts in ((), (".",)):
+    return path.parts
+
+
+def check_relative_path(name: str) -> PurePosixPath:
+    """A path inside the tree, or ArchiveError: not absolute, no `..`, no backslashes or NULs."""
+    parts = _parts(name)
+    if not parts:
         raise ArchiveError(f"{name!r}: not a file path")
-    return path
+    return PurePosixPath(*parts)
 
 
-def _check_link(name: str, target: str) -> None:
+def _check_link(name: str, parts: tuple[str, ...], target: str) -> None:
     if PurePosixPath(target).is_absolute():
         raise ArchiveError(f"{name!r}: link to an absolute path ({target!r}) is not allowed")
-    depth = len(PurePosixPath(name).parent.parts)
+    depth = len(parts) - 1
     for part in PurePosixPath(target).parts:
         depth += -1 if part == ".." else (0 if part == "." else 1)
         if depth < 0:
@@ -52,15 +98,25 @@ def _check_link(name: str, target: str) -> None:
 
 
 class _Budget:
+    """Counts members as they stream past and refuses the moment a limit is passed."""
+
     def __init__(self) -> None:
         self.files = 0
+        self.entries = 0
         self.size = 0
 
-    def add(self, size: int) -> None:
-        self.files += 1
-        self.size += size
+    def add(self, is_file: bool, size: int = 0) -> None:
+        self.entries += 1
+        self.files += is_file
         if self.files > settings.JOB_SOURCE_MAX_FILES:
             raise ArchiveError(f"more than {settings.JOB_SOURCE_MAX_FILES} files")
+        if self.entries > _max_entries():
+            raise ArchiveError(f"more than {_max_entries()} entries (files and directories)")
+        self.spend(size)
+
+    def spend(self, size: int) -> None:
+        """Bytes about to be written, on top of what `add` declared (used alone when unpacking)."""
+        self.size += size
         if self.size > settings.JOB_SOURCE_MAX_BYTES:
             raise ArchiveError(f"more than {settings.JOB_SOURCE_MAX_BYTES} bytes unpacked")
 
@@ -75,30 +131,197 @@ def sniff(fileobj: BinaryIO) -> str:
     raise ArchiveError("not a tar.gz or zip archive")
 
 
-def _tar_members(archive: tarfile.TarFile) -> list[tarfile.TarInfo]:
+def _normalise(members: list[_Member]) -> list[_Member]:
+    """The tree the user means, for both formats: the root entry dropped, a single top-level folder
+    stripped, hard-link targets mapped the same way, symlinks checked where they will land.
+
+    A folder X is stripped when every member is X itself or below it, at least one is below it, and
+    X itself (if listed) is a directory. A path given twice, or as both a file and a folder, is refused:
+    the file count would not be what is unpacked, and unpacking would fail half-way.
+    """
+    tops = {m.parts[0] for m in members if m.parts}
+    prefix: tuple[str, ...] = ()
+    if len(tops) == 1 and any(len(m.parts) > 1 for m in members):
+        (top,) = tops
+        if all(m.kind == "dir" for m in members if m.parts == (top,)):
+            prefix = (top,)
+
+    tree: list[_Member] = []
+    files: set[tuple[str, ...]] = set()  # what a hard link may name: files (and links to them) so far
+    others: set[tuple[str, ...]] = set()  # every path that is not a directory
+    for member in members:
+        parts = member.parts[len(prefix) :]
+        if not parts:
+            if member.kind != "dir":
+                raise ArchiveError(f"{member.name!r}: not a file path")
+            continue  # the root itself: the destination
+        if member.kind != "dir":
+            if parts in others:
+                raise ArchiveError(f"{member.name!r}: given twice")
+            others.add(parts)
+        target = member.target
+        if member.kind == "hardlink":
+            linked = _parts(target)
+            # tar names a hard link's target by an earlier member; anything else cannot be linked safely.
+            if linked[: len(prefix)] != prefix or linked[len(prefix) :] not in files:
+                raise ArchiveError(f"{member.name!r}: hard link to {target!r} names no file before it in the archive")
+            target = "/".join(linked[len(prefix) :])
+        elif member.kind == "symlink":
+            _check_link(member.name, parts, target)
+        if member.kind in ("file", "hardlink"):
+            files.add(parts)
+        tree.append(dataclasses.replace(member, parts=parts, target=target))
+
+    folders = {m.parts for m in tree if m.kind == "dir"}
+    parents = {m.parts[:i] for m in tree for i in range(1, len(m.parts))}  # a symlink may be one of these
+    for member in tree:
+        if member.kind == "dir":
+            continue
+        if member.parts in folders or (member.kind != "symlink" and member.parts in parents):
+            raise ArchiveError(f"{member.name!r}: both a file and a folder")
+    return tree
+
+
+class _Inflated:
+    """The tar stream inside a gzip file, as tarfile reads it, never past what a real tree needs.
+
+    tarfile reads a pax or GNU long-name header's body in one call of the size the header declares,
+    and a GNU sparse map until it ends: a few kilobytes of gzip can ask for gigabytes. Member data is
+    read in 16 KiB blocks, so a read over `MAX_READ` is a hostile header.
+    """
+
+    MAX_READ = 1024 * 1024
+
+    def __init__(self, gz: gzip.GzipFile) -> None:
+        self._gz = gz
+        # Every member's data, and for each entry room for its header, padding and extended headers.
+        self._limit = settings.JOB_SOURCE_MAX_BYTES + _max_entries() * 16 * 1024 + self.MAX_READ
+
+    def read(self, size: int = -1) -> bytes:
+        if not 0 <= size <= self.MAX_READ:
+            raise ArchiveError(f"unreadable tar.gz archive: a header of {size} bytes")
+        self._check(self._gz.tell() + size)
+        return self._gz.read(size)
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        self._check(offset if whence == os.SEEK_SET else self._gz.tell() + offset)
+        return self._gz.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._gz.tell()
+
+    def _check(self, end: int) -> None:
+        if end > self._limit:
+            raise ArchiveError(f"more than {self._limit} bytes unpacked, headers included")
+
+
+@contextlib.contextmanager
+def _open_tar(fileobj: BinaryIO) -> Iterator[tarfile.TarFile]:
+    with gzip.GzipFile(fileobj=fileobj, mode="rb") as gz, tarfile.open(fileobj=_Inflated(gz), mode="r:") as archive:
+        yield archive
+
+
+def _tar_members(archive: tarfile.TarFile) -> list[_Member]:
     budget = _Budget()
     members = []
-    for member in archive.getmembers():
-        check_relative_path(member.name.removeprefix("./") or member.name)
-        if member.issym():
-            _check_link(member.name, member.linkname)
-        elif member.islnk():  # a hard link names another member, from the archive's root
-            check_relative_path(member.linkname)
-        elif not (member.isfile() or member.isdir()):
-            raise ArchiveError(f"{member.name!r}: devices, fifos and other special files are not allowed")
-        budget.add(member.size if member.isfile() else 0)
-        members.append(member)
-    return members
+    for info in archive:  # one header at a time: getmembers() would read them all before any limit
+        parts = _parts(info.name)
+        kind: Kind
+        if info.isdir():
+            kind = "dir"
+        elif info.issym():
+            kind = "symlink"  # its target is checked once it is known where the link lands
+        elif info.islnk():
+            kind = "hardlink"
+            _parts(info.linkname)
+        elif info.isfile():
+            kind = "file"
+        else:
+            raise ArchiveError(f"{info.name!r}: devices, fifos and other special files are not allowed")
+        budget.add(kind != "dir", info.size if kind == "file" else 0)
+        members.append(_Member(info.name, parts, kind, info.size if kind == "file" else 0, info.linkname, info))
+    return _normalise(members)
 
 
-def _zip_members(archive: zipfile.ZipFile) -> list[zipfile.ZipInfo]:
+def _renamed(member: _Member) -> tarfile.TarInfo:
+    info = member.source
+    assert isinstance(info, tarfile.TarInfo)
+    linkname = member.target if member.kind in ("symlink", "hardlink") else info.linkname
+    return info.replace(name="/".join(member.parts), linkname=linkname, deep=False)
+
+
+_EOCD_SIGNATURE, _EOCD_ENTRIES, _EOCD_SIZE, _EOCD_LOCATION = 0, 4, 5, 9  # indices into _EndRecData's list
+_ZIP64_END_RECORDS = 56 + 20  # the zip64 end record and its locator, between the directory and the end
+_CENTRAL_HEADER = struct.Struct("<4s24x3H12x")  # signature; name, extra and comment lengths
+_ZIP_METHODS = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA}
+
+
+def _zip_entries(fileobj: BinaryIO) -> int:
+    """The number of central-directory entries, or ArchiveError as soon as it passes the limit.
+
+    `zipfile.ZipFile` reads and keeps every entry, and stops by the directory's byte size whatever the
+    end record's count says. So the count (zip64 included) is checked first, from the end of the file,
+    then the headers are walked without being kept, in case the count lies.
+    Reference: `len(zipfile.ZipFile(fileobj).infolist())`; tests/test_archives.py pins the two together.
+    """
+    end = zipfile._EndRecData(fileobj)  # private, but it finds the end record and its zip64 form as ZipFile does
+    if not end:
+        raise ArchiveError("unreadable zip archive: no end of central directory record")
+    if end[_EOCD_ENTRIES] > _max_entries():
+        raise ArchiveError(f"more than {_max_entries()} entries (files and directories)")
+    start = end[_EOCD_LOCATION] - end[_EOCD_SIZE]
+    if end[_EOCD_SIGNATURE] == zipfile.stringEndArchive64:
+        start -= _ZIP64_END_RECORDS
+    if start < 0:
+        raise ArchiveError("unreadable zip archive: bad offset for the central directory")
+    fileobj.seek(start)
+    count = walked = 0
+    while walked < end[_EOCD_SIZE]:
+        header = fileobj.read(_CENTRAL_HEADER.size)
+        if len(header) != _CENTRAL_HEADER.size or header[:4] != zipfile.stringCentralDir:
+            raise ArchiveError("unreadable zip archive: bad central directory")
+        _, *lengths = _CENTRAL_HEADER.unpack(header)
+        fileobj.seek(sum(lengths), os.SEEK_CUR)
+        walked += _CENTRAL_HEADER.size + sum(lengths)
+        count += 1
+        if count > _max_entries():
+            raise ArchiveError(f"more than {_max_entries()} entries (files and directories)")
+    return count
+
+
+def _zip_members(archive: zipfile.ZipFile) -> list[_Member]:
     budget = _Budget()
+    members = []
     for info in archive.infolist():
-        check_relative_path(info.filename.rstrip("/") if info.is_dir() else info.filename)
+        parts = _parts(info.filename)
         if stat.S_ISLNK(info.external_attr >> 16):
             raise ArchiveError(f"{info.filename!r}: symbolic links in zip archives are not allowed")
-        budget.add(info.file_size)
-    return archive.infolist()
+        if info.flag_bits & 0x1:
+            raise ArchiveError(f"{info.filename!r}: encrypted members are not supported")
+        if info.compress_type not in _ZIP_METHODS:
+            raise ArchiveError(f"{info.filename!r}: compression method {info.compress_type} is not supported")
+        kind: Kind = "dir" if info.is_dir() else "file"
+        size = info.file_size if kind == "file" else 0
+        budget.add(kind == "file", size)
+        members.append(_Member(info.filename, parts, kind, size, "", info))
+    return _normalise(members)
+
+
+def _unzip(archive: zipfile.ZipFile, members: list[_Member], root: int) -> None:
+    budget = _Budget()  # the bytes actually written: a declared size is the archive's word
+    for member in members:
+        try:
+            if member.kind == "dir":
+                os.close(_directory(root, member.parts))
+                continue
+            info = member.source
+            assert isinstance(info, zipfile.ZipInfo)
+            with archive.open(info) as data:
+                _write_file(root, member.parts, iter(functools.partial(data.read, _BLOCK), b""), budget)
+        except OSError as exc:
+            if exc.errno not in _MEMBER_CONFLICTS:
+                raise
+            raise ArchiveError(f"{member.name!r}: {exc.strerror}") from exc
 
 
 def inspect(fileobj: BinaryIO) -> ArchiveInfo:
@@ -106,33 +329,75 @@ def inspect(fileobj: BinaryIO) -> ArchiveInfo:
     fmt = sniff(fileobj)
     try:
         if fmt == "tar.gz":
-            with tarfile.open(fileobj=fileobj, mode="r:gz") as archive:
+            with _open_tar(fileobj) as archive:
                 members = _tar_members(archive)
-                info = ArchiveInfo(fmt, sum(m.isfile() for m in members), sum(m.size for m in members))
         else:
+            _zip_entries(fileobj)
             with zipfile.ZipFile(fileobj) as archive:
                 members = _zip_members(archive)
-                info = ArchiveInfo(fmt, sum(not m.is_dir() for m in members), sum(m.file_size for m in members))
-    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as exc:
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, zlib.error) as exc:
         raise ArchiveError(f"unreadable {fmt} archive: {exc}") from exc
     finally:
         fileobj.seek(0)
-    return info
+    return ArchiveInfo(fmt, sum(m.kind != "dir" for m in members), sum(m.size for m in members))
 
 
 def extract(fileobj: BinaryIO, dest: Path) -> None:
-    """Unpack into `dest` after checking every member again."""
+    """Unpack into `dest` after checking every member again, with the same normalisation as `inspect`."""
     fmt = sniff(fileobj)
     try:
         if fmt == "tar.gz":
-            with tarfile.open(fileobj=fileobj, mode="r:gz") as archive:
+            with _open_tar(fileobj) as archive:
+                members = [_renamed(m) for m in _tar_members(archive)]
                 # The "data" filter refuses what the checks above refuse, and also drops set-uid bits.
-                archive.extractall(dest, members=_tar_members(archive), filter="data")
+                archive.extractall(dest, members=members, filter="data")
         else:
+            _zip_entries(fileobj)
             with zipfile.ZipFile(fileobj) as archive:
-                archive.extractall(dest, members=_zip_members(archive))  # noqa: S202 (members checked)
-    except (tarfile.TarError, zipfile.BadZipFile, EOFError) as exc:
+                members = _zip_members(archive)
+                with _opened(dest) as root:
+                    _unzip(archive, members, root)
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, gzip.BadGzipFile, zlib.error) as exc:
         raise ArchiveError(f"unreadable {fmt} archive: {exc}") from exc
+
+
+@contextlib.contextmanager
+def _opened(dest: Path) -> Iterator[int]:
+    dest.mkdir(parents=True, exist_ok=True)
+    fd = os.open(dest, _DIRECTORY)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _directory(root: int, parts: Iterable[str]) -> int:
+    """A descriptor for the directory `parts` under `root`, made if missing; never through a symlink."""
+    fd = os.dup(root)
+    try:
+        for part in parts:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(part, 0o755, dir_fd=fd)
+            inner = os.open(part, _DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _write_file(root: int, parts: tuple[str, ...], blocks: Iterable[bytes], budget: _Budget) -> None:
+    """A new file (never an existing one, never through a symlink) at `parts` under `root`."""
+    parent = _directory(root, parts[:-1])
+    try:
+        fd = os.open(parts[-1], _NEW_FILE, 0o644, dir_fd=parent)
+    finally:
+        os.close(parent)
+    with os.fdopen(fd, "wb") as out:
+        for block in blocks:
+            budget.spend(len(block))
+            out.write(block)
 
 
 def check_files(files: dict[str, str]) -> None:
@@ -140,15 +405,15 @@ def check_files(files: dict[str, str]) -> None:
     budget = _Budget()
     for name, text in files.items():
         check_relative_path(name)
-        budget.add(len(text.encode()))
+        budget.add(True, len(text.encode()))
 
 
 def write_files(files: dict[str, str], dest: Path) -> None:
     check_files(files)
-    for name, text in files.items():
-        path = dest / name
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
-        except OSError as exc:  # e.g. "a" and "a/b" both given
-            raise ArchiveError(f"{name!r}: {exc.strerror}") from exc
+    budget = _Budget()
+    with _opened(dest) as root:
+        for name, text in files.items():
+            try:
+                _write_file(root, check_relative_path(name).parts, [text.encode()], budget)
+            except OSError as exc:  # e.g. "a" and "a/b" both given
+                raise ArchiveError(f"{name!r}: {exc.strerror}") from exc
