@@ -4,8 +4,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell sha1sum requirements.txt | cut -c1-12)
 # The tools that build/test/lint jobs run (pytest, ruff, build), apart from the platform's own packages.
+# Jobs run as uids of their own, so the toolchain's Python must be one every user can run: the
+# system's (a Python under a private home, such as pyenv's in /root, is not reachable for them).
 TOOLCHAIN := .toolchain
-TOOLCHAIN_STAMP := $(TOOLCHAIN)/.installed-$(shell sha1sum requirements-jobs.txt | cut -c1-12)
+TOOLCHAIN_PYTHON ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || echo $(PYTHON))
+TOOLCHAIN_STAMP := $(TOOLCHAIN)/.installed-$(shell (cat requirements-jobs.txt; echo $(TOOLCHAIN_PYTHON)) | sha1sum | cut -c1-12)
 
 .PHONY: venv run test lint fmt bench clean
 
@@ -16,9 +19,9 @@ $(STAMP): requirements.txt
 	touch $@
 
 $(TOOLCHAIN_STAMP): requirements-jobs.txt
-	test -x $(TOOLCHAIN)/bin/python || $(PYTHON) -m venv $(TOOLCHAIN)
+	rm -rf $(TOOLCHAIN)
+	$(TOOLCHAIN_PYTHON) -m venv $(TOOLCHAIN)
 	$(TOOLCHAIN)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-jobs.txt
-	rm -f $(TOOLCHAIN)/.installed-*
 	touch $@
 
 venv: $(STAMP) $(TOOLCHAIN_STAMP)

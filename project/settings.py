@@ -169,30 +169,46 @@ CALLBACK_ALLOWED_HOSTS = env.list("CALLBACK_ALLOWED_HOSTS", default=[])
 CALLBACK_TIMEOUT_SECONDS = env.float("CALLBACK_TIMEOUT_SECONDS", default=10.0)
 
 # --- Build, test and lint jobs ---------------------------------------------------------------
-# How job commands are confined: "bwrap" (bubblewrap: own PID and network namespaces, read-only
-# system, only the work directory writable, as an unprivileged user), "rlimit" (a process group with
-# resource limits, no namespaces), or "auto" (bwrap when it is installed).
+# How job commands are confined: "bwrap" (bubblewrap: own PID, network, IPC and UTS namespaces,
+# read-only system, only the work directory writable), "rlimit" (unconfined: a process group with
+# resource limits, sharing the worker's file system and network; only when asked for by name), or
+# "auto" (bwrap; without a working bwrap, tool jobs fail instead of running unconfined).
 JOB_SANDBOX = env.str("JOB_SANDBOX", default="auto")
 if JOB_SANDBOX not in ("auto", "bwrap", "rlimit"):
     raise ImproperlyConfigured("JOB_SANDBOX must be auto, bwrap or rlimit")
 # The virtualenv whose python, pytest, ruff and build the jobs run (`make` creates it).
 JOB_TOOLCHAIN = Path(env.str("JOB_TOOLCHAIN", default=str(BASE_DIR / ".toolchain")))
-JOB_WORK_ROOT = env.str("JOB_WORK_ROOT", default="") or None  # None: the system's temp directory
+# Where work directories (and their disk images) are made; "" for the system's temp directory.
+JOB_WORK_ROOT = env.str("JOB_WORK_ROOT", default="") or None
 # Programs a job's custom `command` may start (by bare name, looked up on the sandbox's PATH).
 JOB_COMMAND_ALLOWLIST = env.list("JOB_COMMAND_ALLOWLIST", default=["python", "pytest", "ruff", "make"])
-# URL schemes a git source may use. "file" reads repositories on the worker's own disk.
+# URL schemes a git source may use: https, and "file" to read repositories on the worker's own disk.
 JOB_GIT_SCHEMES = env.list("JOB_GIT_SCHEMES", default=["https"])
-JOB_SANDBOX_USER = env.int("JOB_SANDBOX_USER", default=65534)  # nobody, when the worker runs as root
+if set(JOB_GIT_SCHEMES) - {"https", "file"}:
+    raise ImproperlyConfigured("JOB_GIT_SCHEMES may hold https and file only")
+# Git hosts that may resolve to loopback, private, link-local or multicast addresses (exact names).
+JOB_GIT_ALLOWED_HOSTS = [host.lower() for host in env.list("JOB_GIT_ALLOWED_HOSTS", default=[])]
+JOB_GIT_TIMEOUT_SECONDS = env.int("JOB_GIT_TIMEOUT_SECONDS", default=300)
+JOB_GIT_MAX_BYTES = env.int("JOB_GIT_MAX_BYTES", default=200 * 1024 * 1024)  # received from the git host
+JOB_GIT_CA_FILE = env.str("JOB_GIT_CA_FILE", default="")  # extra CA certificates (a self-hosted git server)
 JOB_SOURCE_MAX_FILES = env.int("JOB_SOURCE_MAX_FILES", default=10_000)
 JOB_SOURCE_MAX_BYTES = env.int("JOB_SOURCE_MAX_BYTES", default=200 * 1024 * 1024)  # unpacked
 UPLOAD_MAX_BYTES = env.int("UPLOAD_MAX_BYTES", default=50 * 1024 * 1024)
 JOB_LOG_MAX_BYTES = env.int("JOB_LOG_MAX_BYTES", default=1024 * 1024)
 JOB_ARTIFACTS_MAX_FILES = env.int("JOB_ARTIFACTS_MAX_FILES", default=100)
 JOB_ARTIFACTS_MAX_BYTES = env.int("JOB_ARTIFACTS_MAX_BYTES", default=200 * 1024 * 1024)
-# Per-process limits inside the sandbox.
+# Limits of one job, whatever it starts (see the README's sandbox section for how each is enforced).
 JOB_MEMORY_BYTES = env.int("JOB_MEMORY_BYTES", default=4 * 1024**3)
-JOB_FILE_BYTES = env.int("JOB_FILE_BYTES", default=512 * 1024**2)
 JOB_MAX_PROCESSES = env.int("JOB_MAX_PROCESSES", default=256)
+JOB_DISK_BYTES = env.int("JOB_DISK_BYTES", default=4 * 1024**3)  # the work directory, /tmp included
+JOB_MAX_FILES = env.int("JOB_MAX_FILES", default=200_000)  # files and directories in the work directory
+JOB_FILE_BYTES = env.int("JOB_FILE_BYTES", default=1024**3)  # any one file
+# A worker running as root runs each job as a user of its own: uid JOB_UID_BASE + the job's slot,
+# one slot per job running on the host at once (at most JOB_SLOTS).
+JOB_UID_BASE = env.int("JOB_UID_BASE", default=200_000)
+JOB_SLOTS = env.int("JOB_SLOTS", default=64)
+# Where job cgroups are made on a cgroup v2 host ("" to find it: a "conveyor" group at the root).
+JOB_CGROUP_ROOT = env.str("JOB_CGROUP_ROOT", default="")
 
 MEDIA_ROOT = Path(env.str("MEDIA_ROOT", default=str(BASE_DIR / "media")))  # uploads and artifacts
 MEDIA_URL = "media/"  # never served directly: downloads go through the API's permission checks

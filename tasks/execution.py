@@ -25,7 +25,7 @@ from apps.jobs.dispatch import publish_safely
 from apps.jobs.errors import JobInterrupted, PermanentError, RetryableError
 from apps.jobs.models import Job, Status
 from tasks.handlers import HANDLERS
-from tasks.sandbox import pid_alive
+from tasks.sandbox.processes import pid_alive
 
 log = logging.getLogger(__name__)
 

@@ -12,6 +12,7 @@ from tasks.types import Report
 
 DEFAULT_COMMAND = ["ruff", "check", "--output-format", "json"]
 MAX_DIAGNOSTICS = 1000
+MAX_REPORT_BYTES = 50 * 1024 * 1024
 
 
 def handle(job: Job, report: Report) -> dict[str, Any]:
@@ -26,14 +27,15 @@ def handle(job: Job, report: Report) -> dict[str, Any]:
                 "RUFF_NO_CACHE": "true",
             },
         )
+        report = run.read_report("out/ruff.json", MAX_REPORT_BYTES)
         try:
-            raw = json.loads(findings.read_text()) if findings.is_file() else None
+            raw = json.loads(report) if report is not None else None
         except ValueError:
             raw = None
         if not isinstance(raw, list):
             raise PermanentError(f"the lint command exited with {code} without a ruff report; see the log")
         src = run.workspace.inner(run.workspace.src)
-        diagnostics = [diagnostic(item, src) for item in raw]
+        diagnostics = [diagnostic(item, src) for item in raw if isinstance(item, dict)]
         for d in diagnostics:
             run.log.line(f"{d['path']}:{d['line']}:{d['column']}: {d['code']} {d['message']}")
         run.log.line(f"[conveyor] {len(diagnostics)} diagnostics")
@@ -50,15 +52,24 @@ def handle(job: Job, report: Report) -> dict[str, Any]:
 
 
 def diagnostic(item: dict, src: str) -> dict[str, Any]:
-    """One ruff finding, its path relative to the tree (`src` as the command saw it)."""
-    path = item.get("filename") or ""
+    """One ruff finding, its path relative to the tree (`src` as the command saw it). The report is
+    the job's to write, so every field is checked for its type and cut to a sane length."""
+    path = _text(item.get("filename"), 1000)
     if PurePosixPath(path).is_relative_to(src):
         path = PurePosixPath(path).relative_to(src).as_posix()
-    location = item.get("location") or {}
+    location = item.get("location") if isinstance(item.get("location"), dict) else {}
     return {
         "path": path,
-        "line": location.get("row"),
-        "column": location.get("column"),
-        "code": item.get("code") or "syntax-error",
-        "message": item.get("message", ""),
+        "line": _position(location.get("row")),
+        "column": _position(location.get("column")),
+        "code": _text(item.get("code"), 50) or "syntax-error",
+        "message": _text(item.get("message"), 2000),
     }
+
+
+def _text(value: object, limit: int) -> str:
+    return value[:limit] if isinstance(value, str) else ""
+
+
+def _position(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 31 else None

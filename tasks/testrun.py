@@ -3,7 +3,7 @@
 (Not `tasks/test.py`: tools would take that for a test module.)
 """
 
-from pathlib import Path
+import math
 from typing import Any
 
 import defusedxml.ElementTree as ET
@@ -26,20 +26,21 @@ def handle(job: Job, report: Report) -> dict[str, Any]:
         addopts = f"--junitxml={run.workspace.inner(junit)} -o junit_family=xunit1 -p no:cacheprovider"
         user = job.payload.get("env", {}).get("PYTEST_ADDOPTS", "")
         code = run.run(run.command or DEFAULT_COMMAND, env={"PYTEST_ADDOPTS": f"{user} {addopts}".strip()})
-        result = {"outcome": "passed" if code == 0 else "failed", "exit_code": code, **read_junit(junit)}
+        report = run.read_report("out/junit.xml", MAX_REPORT_BYTES)
+        result = {"outcome": "passed" if code == 0 else "failed", "exit_code": code, **read_junit(report)}
         if job.payload.get("artifacts"):
             result["artifacts"] = run.collect_artifacts(job.payload["artifacts"])
         run.log.line(summary(result))
         return result
 
 
-def read_junit(path: Path) -> dict[str, Any]:
+def read_junit(report: bytes | None) -> dict[str, Any]:
     """Counts as pytest reports them, from its JUnit XML; None for each when there is no report."""
     empty = dict.fromkeys(("tests", "passed", "failed", "errors", "skipped", "duration_s"))
-    if not path.is_file() or path.stat().st_size > MAX_REPORT_BYTES:
+    if report is None:
         return {**empty, "failures": []}
     try:
-        root = ET.parse(path).getroot()
+        root = ET.fromstring(report)
     except (ET.ParseError, DefusedXmlException):
         return {**empty, "failures": []}
     suites = [root] if root.tag == "testsuite" else root.findall("testsuite")
@@ -49,8 +50,8 @@ def read_junit(path: Path) -> dict[str, Any]:
     failures = []
     for suite in suites:
         for name in counts:
-            counts[name] += int(suite.get(name, 0))
-        duration += float(suite.get("time", 0))
+            counts[name] += _count(suite.get(name))
+        duration += _seconds(suite.get("time"))
         for case in suite.iter("testcase"):
             problems = [child for child in case if child.tag in ("failure", "error")]
             if not problems and case.find("skipped") is None:
@@ -67,6 +68,19 @@ def read_junit(path: Path) -> dict[str, Any]:
         "duration_s": round(duration, 3),
         "failures": failures,
     }
+
+
+def _count(value: str | None) -> int:
+    """A count attribute of the report (which the job could have written itself): 0 unless a number."""
+    return int(value) if value and value.isdigit() and len(value) < 10 else 0
+
+
+def _seconds(value: str | None) -> float:
+    try:
+        seconds = float(value or 0)
+    except ValueError:
+        return 0.0
+    return seconds if math.isfinite(seconds) and 0 <= seconds < 1e9 else 0.0
 
 
 def node_id(case: Any) -> str:

@@ -2,22 +2,21 @@
 log, and artifacts. Each kind's module adds its default command and how it reads the tool's report.
 """
 
-import fnmatch
-import os
 import shlex
-import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
+from functools import partial
 
 from django.conf import settings
 
 from apps.jobs import artifacts
 from apps.jobs.models import Job
-from tasks import sources
-from tasks.joblog import JobLog
-from tasks.sandbox import Workspace, run_command
+from tasks.sandbox import sources
+from tasks.sandbox.files import JobTree, glob_match, may_match_below
+from tasks.sandbox.joblog import JobLog
+from tasks.sandbox.runner import LimitExceeded, run_command
+from tasks.sandbox.workspace import Workspace
 from tasks.types import Report
 
 
@@ -31,6 +30,9 @@ class ToolRun:
     @property
     def command(self) -> list[str] | None:
         return self.job.payload.get("command")
+
+    def note(self, text: str) -> None:
+        self.log.line(f"[conveyor] {text}")
 
     def run(self, argv: list[str], env: dict[str, str] | None = None) -> int:
         """Run `argv` in the sandbox with the job's own `env` (and `env`, the kind's additions)."""
@@ -47,55 +49,59 @@ class ToolRun:
         self.report(90, "collecting results")
         return code
 
+    def read_report(self, path: str, max_bytes: int) -> bytes | None:
+        """A tool's report in the work directory (`out/junit.xml`), read without following links."""
+        with JobTree(self.workspace.root, self.note) as tree:
+            return tree.read(path, max_bytes)
+
     def collect_artifacts(self, patterns: list[str]) -> list[dict]:
         """Store the regular files of the tree that match `patterns` (`*` within a path segment,
-        `**` across segments); symlinks and special files are skipped."""
-        found: list[tuple[str, Path]] = []
-        root = self.workspace.src
-        for parent, dirs, files in os.walk(root):  # never follows symlinks
-            dirs.sort()
-            for name in sorted(files):
-                path = Path(parent) / name
-                rel = path.relative_to(root).as_posix()
-                if stat.S_ISREG(path.lstat().st_mode) and any(glob_match(rel, p) for p in patterns):
-                    found.append((rel, path))
-        kept, total = [], 0
-        for rel, path in found:
-            total += path.lstat().st_size
-            if len(kept) >= settings.JOB_ARTIFACTS_MAX_FILES or total > settings.JOB_ARTIFACTS_MAX_BYTES:
-                self.log.line(f"[conveyor] artifact limit reached; {rel} and later files were not kept")
-                break
-            kept.append(artifacts.describe(artifacts.store(self.job, rel, path)))
+        `**` across segments). Links, special files, hard links and files past the limits are
+        skipped, with a line in the log, and never read."""
+        kept: list[dict] = []
+        total = 0
+        wanted = partial(_any_match, patterns)
+        below = partial(_any_below, patterns)
+        with JobTree(self.workspace.root, self.note) as tree:
+            for rel, f, size in tree.files("src", wanted, below, settings.JOB_ARTIFACTS_MAX_BYTES):
+                if len(kept) >= settings.JOB_ARTIFACTS_MAX_FILES or total + size > settings.JOB_ARTIFACTS_MAX_BYTES:
+                    self.note(
+                        f"artifact limit reached ({settings.JOB_ARTIFACTS_MAX_FILES} files, "
+                        f"{settings.JOB_ARTIFACTS_MAX_BYTES} bytes); {rel} was not kept"
+                    )
+                    continue
+                total += size
+                kept.append(artifacts.describe(artifacts.store(self.job, rel, f, size)))
         artifacts.drop_others(self.job, {a["name"] for a in kept})
         return kept
 
 
-def glob_match(path: str, pattern: str) -> bool:
-    return _match(path.split("/"), pattern.strip("/").split("/"))
+def _any_match(patterns: list[str], path: str) -> bool:
+    return any(glob_match(path, pattern) for pattern in patterns)
 
 
-def _match(parts: list[str], pattern: list[str]) -> bool:
-    if not pattern:
-        return not parts
-    if pattern[0] == "**":
-        return any(_match(parts[i:], pattern[1:]) for i in range(len(parts) + 1))
-    return bool(parts) and fnmatch.fnmatchcase(parts[0], pattern[0]) and _match(parts[1:], pattern[1:])
+def _any_below(patterns: list[str], path: str) -> bool:
+    return any(may_match_below(path, pattern) for pattern in patterns)
 
 
 @contextmanager
 def tool_run(job: Job, report: Report) -> Iterator[ToolRun]:
     """A fresh work directory with the job's source in it; removed afterwards, whatever happens."""
-    workspace = Workspace.create()
     log = JobLog(job.pk)
+    workspace = None
     try:
-        log.line(f"[conveyor] attempt {job.attempts} of {job.kind} job {job.pk}, sandbox: {workspace.sandbox}")
+        workspace = Workspace.create()
+        log.line(f"[conveyor] attempt {job.attempts} of {job.kind} job {job.pk}; sandbox: {workspace.describe()}")
         report(5, "fetching source")
         sources.fetch(job, workspace, log)
-        workspace.hand_over()
         yield ToolRun(job, report, workspace, log)
+    except LimitExceeded as exc:
+        log.line(f"[conveyor] stopped: {exc}")
+        raise
     except BaseException as exc:
         log.line(f"[conveyor] stopped: {type(exc).__name__}: {exc}".rstrip(": "))
         raise
     finally:
         log.close()
-        workspace.remove()
+        if workspace is not None:
+            workspace.remove()

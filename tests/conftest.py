@@ -6,6 +6,7 @@ and only sees committed rows.
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,6 +26,8 @@ from rest_framework.test import APIClient
 
 from apps.jobs.models import FINAL_STATUSES, Job
 from tests.fake_llm import FakeLLM
+from tests.git_https import GitServer, make_certificate
+from tests.tooljobs import SAMPLE
 
 ROOT = Path(__file__).resolve().parent.parent
 # The server's own provider keys, known to the worker only; tests search for them where they must not be.
@@ -120,11 +123,32 @@ def llm(_llm_server: FakeLLM) -> FakeLLM:
 
 
 @pytest.fixture(scope="session")
+def git_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GitServer]:
+    """A git host over https (a self-signed certificate the workers trust through JOB_GIT_CA_FILE)
+    serving `sample.git`, the sample project with the tag v1."""
+    root = tmp_path_factory.mktemp("git-https")
+    cert, key = make_certificate(root, ("localhost",))
+    with GitServer(root / "repos", cert, key) as server:
+        work = root / "work"
+        shutil.copytree(SAMPLE, work, ignore=shutil.ignore_patterns("__pycache__"))
+        git = ["git", "-C", str(work), "-c", "user.name=Test", "-c", "user.email=test@example.com"]
+        for step in (["init", "-q", "-b", "main"], ["add", "."], ["commit", "-q", "-m", "sample"], ["tag", "v1"]):
+            subprocess.run([*git, *step], check=True)
+        subprocess.run(["git", "clone", "-q", "--bare", str(work), str(root / "repos" / "sample.git")], check=True)
+        yield server
+
+
+@pytest.fixture(scope="session")
 def process_env(
-    django_db_setup: None, django_db_blocker: object, tmp_path_factory: pytest.TempPathFactory, _llm_server: FakeLLM
+    django_db_setup: None,
+    django_db_blocker: object,
+    tmp_path_factory: pytest.TempPathFactory,
+    _llm_server: FakeLLM,
+    git_server: GitServer,
 ) -> dict:
-    """The environment for worker and beat processes: the test settings, pointed at the test database
-    and at the local LLM server."""
+    """The environment for worker and beat processes: the test settings, pointed at the test database,
+    the local LLM server and the local git host (whose address, 127.0.0.1, git sources may use;
+    `localhost` names the same address and stays refused)."""
     db = connection.settings_dict
     url = f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
     return {
@@ -136,6 +160,8 @@ def process_env(
         "OPENAI_API_KEY": SERVER_OPENAI_KEY,
         "ANTHROPIC_BASE_URL": _llm_server.url,
         "ANTHROPIC_API_KEY": SERVER_ANTHROPIC_KEY,
+        "JOB_GIT_ALLOWED_HOSTS": "127.0.0.1",
+        "JOB_GIT_CA_FILE": str(git_server.cert),
     }
 
 

@@ -1,24 +1,27 @@
-"""The sandboxed runner and the job log, called directly (no worker): both confinements, cleanup, limits."""
+"""The sandboxed runner, called directly (no worker), in both confinements: cleanup, the per-job
+limits (each ending its own job while a job beside it finishes), the job's own uid, and what a job
+leaves behind in a slot when its worker process dies."""
 
 import os
 import shutil
 import subprocess
 import sys
+import threading
 import uuid
+from pathlib import Path
 
 import pytest
 from django.test import override_settings
-from django.utils import timezone
 
-from apps.jobs import logs
 from apps.jobs.errors import PermanentError
-from apps.jobs.models import Artifact, Job
-from tasks.joblog import JobLog
-from tasks.sandbox import MARKER_VAR, CommandTimedOut, Output, Workspace, run_command
-from tasks.toolrun import ToolRun
+from tasks.sandbox import confinement, processes
+from tasks.sandbox.processes import MARKER_VAR
+from tasks.sandbox.runner import CommandTimedOut, LimitExceeded, Output, run_command
+from tasks.sandbox.workspace import SandboxUnavailable, Workspace
 from tests.tooljobs import processes_with
 
-MODES = ["rlimit", pytest.param("bwrap", marks=pytest.mark.skipif(not shutil.which("bwrap"), reason="no bwrap"))]
+MODES = ["rlimit", "bwrap"]
+WORKER_FILE = str(Path(__file__).resolve().parent.parent / "project" / "settings.py")
 
 DAEMONS = """
 import os, subprocess, sys, time
@@ -41,10 +44,20 @@ class Collect(Output):
         self.data += data
 
 
+def require_bwrap(mode: str) -> None:
+    if mode == "bwrap" and not shutil.which("bwrap"):
+        pytest.fail("bwrap is required for the sandbox tests (apt-get install bubblewrap)")
+
+
 @pytest.fixture(params=MODES)
-def workspace(request: pytest.FixtureRequest) -> Workspace:
-    ws = Workspace.create()
-    ws.sandbox = request.param
+def mode(request: pytest.FixtureRequest) -> str:
+    require_bwrap(request.param)
+    return request.param
+
+
+@pytest.fixture
+def workspace(mode: str) -> Workspace:
+    ws = Workspace.create(sandbox=mode)
     yield ws
     ws.remove()
 
@@ -54,7 +67,7 @@ def run(workspace: Workspace, script: str, *args: str, timeout: float | None = N
     workspace.hand_over()
     out = Collect()
     code = run_command(["python", "script.py", *args], workspace, out, timeout=timeout)
-    return code, out.data.decode()
+    return code, out.data.decode(errors="replace")
 
 
 def test_daemons_that_left_the_process_group_are_killed_when_the_command_exits(workspace: Workspace) -> None:
@@ -86,31 +99,38 @@ def test_the_environment_is_scrubbed(workspace: Workspace, monkeypatch: pytest.M
     assert "DATABASE_URL" not in out
 
 
-def test_resource_limits_apply(workspace: Workspace) -> None:
-    with override_settings(JOB_FILE_BYTES=1024 * 1024):
-        code, out = run(workspace, "open('big', 'wb').write(b'0' * 4 * 1024 * 1024)")
+def test_the_job_runs_as_a_uid_of_its_own_and_two_jobs_at_once_have_two(mode: str) -> None:
+    first, second = Workspace.create(sandbox=mode), Workspace.create(sandbox=mode)
+    try:
+        uids = [
+            run(ws, "import os; print(os.getuid(), os.geteuid(), os.getgroups())")[1].split()[:2]
+            for ws in (first, second)
+        ]
+    finally:
+        first.remove()
+        second.remove()
 
-    assert code != 0
-    assert "File too large" in out or code < 0
+    assert uids[0][0] == uids[0][1] != "0"
+    assert uids[1][0] == uids[1][1] != "0"
+    assert uids[0] != uids[1]
 
 
-@pytest.mark.django_db
-def test_a_long_log_is_cut_with_a_visible_marker(settings: object, django_user_model: object) -> None:
-    settings.JOB_LOG_MAX_BYTES = 1000
-    owner = django_user_model.objects.create_user("logger")
-    job = Job.objects.create(owner=owner, kind="test", payload={}, created_at=timezone.now())
-    log = JobLog(job.pk)
+def test_in_bwrap_the_job_sees_only_its_own_processes_and_no_worker_files() -> None:
+    require_bwrap("bwrap")
+    ws = Workspace.create(sandbox="bwrap")
+    try:
+        code, out = run(
+            ws,
+            "import os; print(sorted(int(p) for p in os.listdir('/proc') if p.isdigit()));"
+            f"print([os.path.exists(p) for p in {[str(ws.root.parent), '/root', '/etc/shadow', WORKER_FILE]!r}])",
+        )
+    finally:
+        ws.remove()
 
-    for i in range(200):
-        log.write(f"line {i}\n".encode())
-    log.close()
-
-    text, end = logs.read(job, 0, 1_000_000)
-    assert text.startswith("line 0\nline 1\n")
-    assert "line 199" not in text
-    assert text.rstrip().endswith("the rest is not kept")
-    assert 1000 <= end < 1200
-    assert logs.read(job, 500, 1_000_000)[0] == text.encode()[500:].decode()
+    assert code == 0, out
+    pids, seen = out.splitlines()[:2]
+    assert len(eval(pids)) <= 3  # noqa: S307 (our own output): bwrap's init, python, nothing of the host
+    assert seen == "[False, False, False, False]"
 
 
 def test_a_program_that_is_not_installed_is_a_permanent_error(workspace: Workspace) -> None:
@@ -118,41 +138,161 @@ def test_a_program_that_is_not_installed_is_a_permanent_error(workspace: Workspa
         run_command(["no-such-tool", "--version"], workspace, Collect())
 
 
-def test_processes_left_by_a_dead_worker_process_are_reaped_when_the_next_job_starts(workspace: Workspace) -> None:
-    orphan_marker, live_marker = f"orphan-{uuid.uuid4().hex}", f"live-{uuid.uuid4().hex}"
+# --- Limits: each ends its own job, named; a job beside it finishes normally ---------------------
+
+HOGS = {
+    "memory": ("b = bytearray(1024 * 1024 * 1024); print('allocated', len(b))", "JOB_MEMORY_BYTES"),
+    "processes": (
+        "import os, time\nwhile True:\n    try:\n        if os.fork() == 0:\n            time.sleep(60)\n"
+        "            os._exit(0)\n    except OSError:\n        time.sleep(0.01)\n",
+        "JOB_MAX_PROCESSES",
+    ),
+    "disk": ("f = open('big', 'wb')\nwhile True:\n    f.write(b'0' * (1 << 20))\n", "JOB_DISK_BYTES"),
+    "tmp": (
+        "import tempfile\nf = open(tempfile.gettempdir() + '/big', 'wb')\nwhile True:\n    f.write(b'0' * (1 << 20))\n",
+        "JOB_DISK_BYTES",
+    ),
+    "files": (
+        "import os\nos.mkdir('many')\nfor i in range(100000):\n    open(f'many/{i}', 'w').close()\n",
+        "JOB_MAX_FILES",
+    ),
+}
+
+
+@pytest.mark.parametrize("hog", sorted(HOGS))
+def test_a_job_over_a_limit_fails_naming_it_while_a_job_beside_it_finishes(mode: str, hog: str) -> None:
+    script, setting = HOGS[hog]
+    with override_settings(
+        JOB_MEMORY_BYTES=256 * 1024**2, JOB_MAX_PROCESSES=40, JOB_DISK_BYTES=64 * 1024**2, JOB_MAX_FILES=3000
+    ):
+        hog_ws, quiet_ws = Workspace.create(sandbox=mode), Workspace.create(sandbox=mode)
+    quiet: dict[str, object] = {}
+
+    def beside() -> None:
+        quiet["result"] = run(quiet_ws, "import time; time.sleep(2); print('quiet job done')")
+
+    thread = threading.Thread(target=beside)
+    try:
+        thread.start()
+        with pytest.raises(LimitExceeded) as raised:
+            run(hog_ws, script, timeout=60)
+        thread.join(30)
+    finally:
+        hog_ws.remove()
+        quiet_ws.remove()
+
+    assert setting in str(raised.value)
+    assert quiet["result"] == (0, "quiet job done\n")
+
+
+def test_the_limits_are_per_job_not_per_process() -> None:
+    """Two processes of 150 MiB each are within a per-process limit of 256 MiB, not a job's."""
+    two = (
+        "import subprocess, sys\ncode = 'b = bytearray(150 * 1024 * 1024); import time; time.sleep(1)'\n"
+        "procs = [subprocess.Popen([sys.executable, '-c', code]) for _ in range(2)]\n"
+        "print([p.wait() for p in procs])\n"
+    )
+    if not confinement.capabilities().cgroups:
+        pytest.fail("this host has no job cgroups; the per-job memory limit cannot be tested")
+    with override_settings(JOB_MEMORY_BYTES=256 * 1024**2):
+        ws = Workspace.create(sandbox="rlimit")
+    try:
+        with pytest.raises(LimitExceeded, match="JOB_MEMORY_BYTES"):
+            run(ws, two, timeout=60)
+    finally:
+        ws.remove()
+
+
+# --- What a killed worker leaves in a slot ---------------------------------------------------------
+
+
+def test_what_a_killed_worker_process_left_in_its_slot_is_cleared_by_the_next_job() -> None:
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # a worker process that starts a job's daemon and dies without cleaning up
+        try:
+            ws = Workspace.create(sandbox="rlimit")
+            daemon = subprocess.Popen(
+                [*_as_job(ws), sys.executable, "-c", "import time; time.sleep(300)"],
+                start_new_session=True,
+                cwd=ws.src,
+            )
+            os.write(write, f"{daemon.pid} {ws.root}\n".encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as f:
+        pid, root = f.read().split()
+    os.waitpid(child, 0)
+    assert processes.pid_alive(int(pid))
+    assert Path(root).is_dir()
+
+    ws = Workspace.create(sandbox="rlimit")  # the slot is free again: its lock died with the process
+    ws.remove()
+
+    assert not processes.pid_alive(int(pid)) or _is_zombie(int(pid))
+    assert not Path(root).exists()
+
+
+def _as_job(ws: Workspace) -> list[str]:
+    from tasks.sandbox.runner import confined_argv
+
+    return confined_argv([], ws, {})[0]
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return " Z " in Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+
+
+# --- Markers (only where neither a cgroup nor a uid of its own finds a job's processes) ----------
+
+
+def test_malformed_and_foreign_markers_are_ignored_and_orphans_are_reaped() -> None:
     spawn = [sys.executable, "-c", "import time; time.sleep(300)"]
-    orphan = subprocess.Popen([*spawn, orphan_marker], env={MARKER_VAR: "999999999-dead"}, start_new_session=True)
-    living = subprocess.Popen([*spawn, live_marker], env={MARKER_VAR: f"{os.getpid()}-alive"}, start_new_session=True)
+    tags = {name: f"{name}-{uuid.uuid4().hex}" for name in ("bad", "worse", "orphan", "alive")}
+    environments = {
+        "bad": "x",
+        "worse": "12-zz",
+        "orphan": f"999999999-{uuid.uuid4().hex}",
+        "alive": f"{os.getpid()}-{uuid.uuid4().hex}",
+    }
+    started = {
+        name: subprocess.Popen([*spawn, tags[name]], env={MARKER_VAR: environments[name]}, start_new_session=True)
+        for name in tags
+    }
     try:
-        code, _ = run(workspace, "print('next job')")
+        processes.reap_orphans()  # what a job start does: must not raise on what another job wrote
 
-        assert code == 0
-        assert orphan.wait(5) == -9
-        assert processes_with(live_marker) == [living.pid]  # its owner is alive: not ours to kill
+        assert started["orphan"].wait(5) == -9
+        for name in ("bad", "worse", "alive"):
+            assert processes_with(tags[name]) == [started[name].pid]
     finally:
-        living.kill()
-        orphan.kill()
+        for proc in started.values():
+            proc.kill()
+            proc.wait()
 
 
-@pytest.mark.django_db
-def test_artifacts_match_globs_skip_links_and_replace_an_earlier_attempts(django_user_model: object) -> None:
-    owner = django_user_model.objects.create_user("builder")
-    job = Job.objects.create(owner=owner, kind="build", payload={}, created_at=timezone.now())
-    workspace = Workspace.create()
+# --- Fail closed -------------------------------------------------------------------------------
+
+
+def test_without_bwrap_auto_mode_refuses_to_run_tool_jobs(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_which = shutil.which
+    monkeypatch.setattr(confinement.shutil, "which", lambda name, **kw: None if name == "bwrap" else real_which(name))
+    confinement.capabilities.cache_clear()
     try:
-        run = ToolRun(job, lambda percent, message="": None, workspace, JobLog(job.pk))
-        (workspace.src / "dist" / "sub").mkdir(parents=True)
-        (workspace.src / "dist" / "old.whl").write_bytes(b"old")
-        assert [a["name"] for a in run.collect_artifacts(["dist/*"])] == ["dist/old.whl"]
-
-        (workspace.src / "dist" / "old.whl").unlink()
-        (workspace.src / "dist" / "new.whl").write_bytes(b"new")
-        (workspace.src / "dist" / "sub" / "deep.txt").write_bytes(b"deep")
-        (workspace.src / "dist" / "passwd").symlink_to("/etc/passwd")
-        found = run.collect_artifacts(["dist/*"])
-
-        assert [a["name"] for a in found] == ["dist/new.whl"]  # no link, no file of a subfolder
-        assert list(Artifact.objects.filter(job=job).values_list("name", flat=True)) == ["dist/new.whl"]
-        assert [a["name"] for a in run.collect_artifacts(["dist/**"])] == ["dist/new.whl", "dist/sub/deep.txt"]
+        caps = confinement.capabilities()
+        with pytest.raises(SandboxUnavailable, match=r"bwrap .* not installed"):
+            Workspace.create()
+        with override_settings(JOB_SANDBOX="rlimit"):
+            confinement.capabilities.cache_clear()
+            unconfined = confinement.capabilities()
     finally:
-        workspace.remove()
+        confinement.capabilities.cache_clear()
+
+    assert caps.sandbox is None
+    assert "JOB_SANDBOX=rlimit" in caps.problem
+    assert unconfined.sandbox == "rlimit"
+    assert "UNCONFINED" in unconfined.describe()

@@ -9,8 +9,8 @@ import pytest
 from rest_framework.test import APIClient
 
 from apps.jobs.models import Job
-from tasks import sandbox
 from tests.conftest import WorkerProcess, sse_events, wait_final, wait_for
+from tests.git_https import GitServer
 from tests.tooljobs import (
     TOOLCHAIN_PYTHON,
     full_log,
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 
 @pytest.fixture
-def source(request: pytest.FixtureRequest, api: APIClient, tmp_path: Path) -> dict:
+def source(request: pytest.FixtureRequest, api: APIClient, tmp_path: Path, git_server: GitServer) -> dict:
     form = request.param
     if form == "files":
         return {"files": sample_files()}
@@ -37,10 +37,12 @@ def source(request: pytest.FixtureRequest, api: APIClient, tmp_path: Path) -> di
         response = upload(api, "sample.tar.gz", tar_gz(sample_files()))
         assert response.status_code == 201, response.content
         return {"upload": response.json()["id"]}
+    if form == "https":
+        return {"git": {"url": f"https://127.0.0.1:{git_server.port}/sample.git", "ref": "v1"}}
     return {"git": {"url": git_repo(tmp_path / "repo"), "ref": "v1"}}
 
 
-@pytest.mark.parametrize("source", ["files", "upload", "git"], indirect=True)
+@pytest.mark.parametrize("source", ["files", "upload", "git", "https"], indirect=True)
 def test_a_test_job_counts_what_pytest_itself_counts(
     worker: WorkerProcess, api: APIClient, source: dict, tmp_path: Path
 ) -> None:
@@ -171,10 +173,9 @@ def test_a_job_sees_nothing_of_the_worker_environment_and_no_network(
     for secret in ("DATABASE_URL", "SECRET_KEY", "REDIS_URL", "DJANGO_SETTINGS_MODULE"):
         assert secret not in env_line
     assert process_env["DATABASE_URL"] not in log
-    if sandbox.mode() == "bwrap":  # the rlimit fallback shares the worker's file system and network
-        assert "NETWORK closed" in log
-        assert f"READ {settings_file} False" in log
-        assert f"READ {secret_file} False" in log
+    assert "NETWORK closed" in log
+    assert f"READ {settings_file} False" in log
+    assert f"READ {secret_file} False" in log
 
 
 def test_arguments_stay_literal(worker: WorkerProcess, api: APIClient, tmp_path: Path) -> None:
@@ -254,5 +255,88 @@ def test_a_git_host_that_does_not_answer_is_retried_then_fails(worker: WorkerPro
     assert job.status == Job.Status.FAILED
     assert job.attempts == 2  # retried: a host that is down may come back
     assert job.error["type"] == "RetryableError"
-    assert "Failed to connect" in job.error["message"] or "Connection refused" in job.error["message"]
+    assert job.error["message"] == (
+        "git: fetching 'main' from https://127.0.0.1:9/nothing.git failed: 127.0.0.1:9: could not connect "
+        "(gave up after 2 attempts)"
+    )
     assert "retrying" in Job.objects.get(pk=job_id).events.values_list("type", flat=True)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://localhost:{port}/sample.git",  # a name for 127.0.0.1 that is not allowed by name
+        "https://2130706434:{port}/sample.git",  # 127.0.0.2 in other spellings (127.0.0.1 is allowed)
+        "https://0x7f000002:{port}/sample.git",
+        "https://[::ffff:127.0.0.2]:{port}/sample.git",
+        "https://169.254.169.254/latest/meta-data.git",
+        "https://10.1.2.3/internal.git",
+    ],
+)
+def test_a_git_source_on_a_local_or_private_address_fails_at_once_without_naming_it(
+    worker: WorkerProcess, api: APIClient, git_server: GitServer, url: str
+) -> None:
+    url = url.format(port=git_server.port)
+    requests_before = len(git_server.requests)
+
+    job = wait_final(submit(api, "test", {"git": {"url": url, "ref": "v1"}}), timeout=60)
+
+    assert job.status == Job.Status.FAILED
+    assert job.attempts == 1
+    assert job.error["type"] == "PermanentError"
+    assert url in job.error["message"]
+    assert "loopback, private, link-local or multicast address" in job.error["message"]
+    if "localhost" in url:
+        assert "127.0.0.1" not in job.error["message"]
+        assert "127.0.0.1" not in full_log(api, str(job.id))
+    assert len(git_server.requests) == requests_before  # never reached
+
+
+LINKS = """
+import os
+os.makedirs("dist/sub", exist_ok=True)
+open("dist/real.whl", "wb").write(b"wheel")
+links = {
+    "dist/shadow": "/etc/shadow",
+    "dist/passwd": "/etc/passwd",
+    "dist/settings.py": "/proc/self/cwd/project/settings.py",
+    "dist/environ": "/proc/self/environ",
+    "dist/up": "../../../../../../../../etc/passwd",
+    "dist/etc": "/etc",
+    "dist/sub/root": "/",
+}
+for name, target in links.items():
+    os.symlink(target, name)
+for source, name in (("/etc/passwd", "dist/hard"), ("/job/passwd", "dist/hard2")):
+    try:
+        os.link(source, name)
+    except OSError as exc:
+        print("hard link refused:", name, exc.strerror)
+try:
+    os.rename(os.getcwd(), os.getcwd() + ".x")
+    os.symlink("/etc", os.getcwd())
+    print("swapped the working directory")
+except OSError as exc:
+    print("could not swap the working directory:", exc.strerror)
+print("links made")
+"""
+
+
+def test_artifacts_never_follow_links_out_of_the_tree(worker: WorkerProcess, api: APIClient) -> None:
+    job_id = submit(
+        api,
+        "build",
+        {"files": {"links.py": LINKS}},
+        command=["python", "links.py"],
+        artifacts=["dist/**", "shadow", "passwd"],
+    )
+
+    job = wait_final(job_id, timeout=60)
+
+    assert job.status == Job.Status.SUCCEEDED, job.error
+    assert [a["name"] for a in job.result["artifacts"]] == ["dist/real.whl"]
+    log = full_log(api, job_id)
+    assert "could not swap the working directory: Permission denied" in log
+    for name in ("dist/shadow", "dist/passwd", "dist/settings.py", "dist/environ", "dist/up", "dist/etc"):
+        assert f"not collected: {name} is a symbolic link" in log
+    assert "root:" not in log

@@ -1,7 +1,9 @@
 """Build artifacts: kept through Django's storage API after the work directory is gone."""
 
 import hashlib
-from pathlib import Path, PurePosixPath
+import tempfile
+from pathlib import PurePosixPath
+from typing import BinaryIO
 
 from django.core.files import File
 from django.db.models import QuerySet
@@ -10,18 +12,21 @@ from django.urls import reverse
 from apps.jobs.models import Artifact, Job
 
 
-def store(job: Job, name: str, path: Path) -> Artifact:
-    """Save the file at `path` as the job's artifact `name`, replacing one of an earlier attempt."""
+def store(job: Job, name: str, f: BinaryIO, size: int) -> Artifact:
+    """Save `size` bytes of the open file `f` as the job's artifact `name`, replacing one of an
+    earlier attempt. The file is the caller's to open safely (see `tasks.sandbox.files`)."""
     digest = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
+    spool = tempfile.SpooledTemporaryFile(max_size=1 << 20)  # noqa: SIM115 (closed below)
+    with spool:
+        left = size
+        while left > 0 and (block := f.read(min(1 << 20, left))):
             digest.update(block)
-            size += len(block)
-    _delete(Artifact.objects.filter(job=job, name=name))
-    artifact = Artifact(job=job, name=name, size=size, sha256=digest.hexdigest())
-    with open(path, "rb") as f:
-        artifact.file.save(PurePosixPath(name).name, File(f), save=True)
+            spool.write(block)
+            left -= len(block)
+        _delete(Artifact.objects.filter(job=job, name=name))
+        artifact = Artifact(job=job, name=name, size=size - left, sha256=digest.hexdigest())
+        spool.seek(0)
+        artifact.file.save(PurePosixPath(name).name, File(spool), save=True)
     return artifact
 
 

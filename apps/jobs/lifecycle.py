@@ -5,6 +5,7 @@ the process that runs it), so two actors racing on one job cannot both win; the 
 transition into the job's timeline in the same transaction. Functions return whether they won.
 """
 
+import math
 from collections.abc import Iterable
 from datetime import timedelta
 from functools import cache
@@ -221,8 +222,29 @@ def claim(job_id: UUID, *, task_id: str, worker: str, runner: str) -> Job | None
     return job
 
 
+def storable(value: Any) -> Any:
+    """`value` as PostgreSQL's jsonb and text can hold it: NUL and lone surrogates become U+FFFD, and
+    non-finite floats (NaN, infinities, which JSON has no words for) become None. A job's result and
+    messages come from tools and models, so anything may be in them."""
+    if isinstance(value, str):
+        value = value.replace("\0", "\ufffd")
+        try:
+            value.encode()
+        except UnicodeEncodeError:  # lone surrogates
+            value = "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in value)
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {storable(str(k)): storable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [storable(v) for v in value]
+    return value
+
+
 def succeed(job: Job, result: Any, progress_message: str | None = None) -> bool:
-    extra = {} if progress_message is None else {"progress_message": progress_message[:200]}
+    result = storable(result)
+    extra = {} if progress_message is None else {"progress_message": storable(progress_message[:200])}
     won = _transition(
         job.pk,
         [Status.RUNNING],
@@ -243,6 +265,7 @@ def succeed(job: Job, result: Any, progress_message: str | None = None) -> bool:
 
 def fail(job: Job, error_type: str, message: str, *, status: str = Status.FAILED) -> bool:
     """End a running job as failed or timed out; it goes to the dead-letter queue for replay."""
+    message = storable(message)
     won = _transition(
         job.pk,
         [Status.RUNNING],
@@ -262,6 +285,7 @@ def fail(job: Job, error_type: str, message: str, *, status: str = Status.FAILED
 
 
 def schedule_retry(job: Job, error_type: str, message: str, delay: float) -> bool:
+    message = storable(message)
     return _transition(
         job.pk,
         [Status.RUNNING],

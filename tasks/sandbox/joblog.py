@@ -7,17 +7,21 @@ from uuid import UUID
 from django.conf import settings
 
 from apps.jobs import live, logs
-from tasks.sandbox import Output
+from tasks.sandbox.runner import Output
 
 FLUSH_INTERVAL = 0.1  # seconds between writes while output keeps coming
 PARTIAL_LINE_AFTER = 0.5  # a line without its newline yet (a prompt, a progress bar) waits this long
 MAX_PENDING = 64 * 1024
+REPLACEMENT = "\ufffd"
 
 
 class JobLog(Output):
     """Output of a job's commands, line by line. The first line goes out at once; after that, lines
     are gathered for up to FLUSH_INTERVAL so that a chatty command costs a write per interval, not
-    per line. Beyond JOB_LOG_MAX_BYTES the log ends with a visible truncation marker."""
+    per line. Beyond JOB_LOG_MAX_BYTES the log ends with a visible truncation marker.
+
+    Any bytes are kept: invalid UTF-8 and NUL (which PostgreSQL text cannot hold) are stored, and
+    published, as U+FFFD."""
 
     def __init__(self, job_id: UUID) -> None:
         self.job_id = job_id
@@ -33,7 +37,7 @@ class JobLog(Output):
     def write(self, data: bytes) -> None:
         if not self._pending:
             self._pending_since = time.monotonic()
-        self._pending += self._decoder.decode(data)
+        self._pending += self._decoder.decode(data).replace("\0", REPLACEMENT)
         if len(self._pending) > MAX_PENDING or time.monotonic() - self._last_flush >= FLUSH_INTERVAL:
             self.flush()
 
@@ -49,7 +53,7 @@ class JobLog(Output):
     def line(self, text: str) -> None:
         """A line of the platform's own (the command it runs, how it ended)."""
         self.flush(partial=True)
-        self._store(text.rstrip("\n") + "\n")
+        self._store(text.replace("\0", REPLACEMENT).rstrip("\n") + "\n")
 
     def flush(self, partial: bool = False) -> None:
         cut = len(self._pending) if partial else self._pending.rfind("\n") + 1
@@ -59,7 +63,7 @@ class JobLog(Output):
             self._store(text)
 
     def close(self) -> None:
-        self._pending += self._decoder.decode(b"", final=True)
+        self._pending += self._decoder.decode(b"", final=True).replace("\0", REPLACEMENT)
         self.flush(partial=True)
 
     def _store(self, text: str) -> None:

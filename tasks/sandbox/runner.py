@@ -1,17 +1,16 @@
-"""Running a job's command in a sandbox, streaming its output, and leaving nothing behind.
+"""Running a command of a job in its sandbox, streaming its output, and leaving nothing behind.
 
-Two confinements, chosen by `JOB_SANDBOX`:
-- **bwrap** (bubblewrap): a PID, network, IPC and UTS namespace of its own; only /usr, a few files of
-  /etc and the toolchain, read-only; the work directory is the only writable place; a scrubbed
-  environment. When the worker is root the command runs as `JOB_SANDBOX_USER` (nobody), so that the
-  process-count limit applies. Killing bwrap ends its PID namespace and everything in it.
-- **rlimit**: the command in a new session and process group, with the same resource limits and
-  environment, but sharing the worker's file system and network. Descendants that left the group
-  (`setsid`) are found by a marker in their environment and killed; so are those of a job whose
-  worker process was killed outright, when the next job starts.
+Two confinements, chosen by `JOB_SANDBOX` (see `confinement`):
+- **bwrap** (bubblewrap): PID, network, IPC and UTS namespaces of its own; only /usr, a few files of
+  /etc and the toolchain, read-only; the work directory is the only writable place (at /job, with
+  /tmp inside it); a scrubbed environment; the job's own uid, no capabilities.
+- **rlimit**, only when asked for by name: the command in a new session with the same environment
+  and limits, as the job's own uid when the worker is root, but sharing the worker's file system
+  and network (unconfined, and said so on the job's first log line).
 
-Both: argv lists, never a shell; CPU time, address space, file size and process count limits; on
-timeout, cancel or a normal exit, every process the job started is killed.
+Both: argv lists, never a shell; the job's memory, processes and disk capped for the job as a whole
+where the host allows (cgroups, a file system per work directory), per process where it does not;
+whatever way the command ends (exit, timeout, cancel, a limit), every process it started is killed.
 """
 
 import contextlib
@@ -21,72 +20,27 @@ import select
 import shutil
 import signal
 import subprocess
-import tempfile
 import time
-import uuid
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from django.conf import settings
 
 from apps.jobs.errors import PermanentError
+from tasks.sandbox import processes
+from tasks.sandbox.workspace import INNER_ROOT, JOB_USER, Workspace
 
-INNER_ROOT = Path("/job")  # where the work directory appears inside bwrap
-ETC_FILES = ("passwd", "group", "nsswitch.conf", "ld.so.cache", "localtime", "alternatives")
-MARKER_VAR = "CONVEYOR_JOB_MARKER"
+# Files of /etc a command may need (name lookups, dynamic linking); passwd and group are the job's own.
+ETC_FILES = ("nsswitch.conf", "ld.so.cache", "localtime", "alternatives")
+LIMIT_CHECK_INTERVAL = 0.2  # seconds between looks at the job's cgroup and disk while it runs
 
 
 class CommandTimedOut(Exception):
     pass
 
 
-def mode() -> str:
-    if settings.JOB_SANDBOX == "auto":
-        return "bwrap" if shutil.which("bwrap") else "rlimit"
-    return settings.JOB_SANDBOX
-
-
-@dataclass
-class Workspace:
-    """A fresh directory per job: `src` (the tree, the command's cwd), `out` (reports), `home`, `tmp`."""
-
-    root: Path
-    sandbox: str = field(default_factory=mode)
-
-    @classmethod
-    def create(cls) -> "Workspace":
-        root = Path(tempfile.mkdtemp(prefix="conveyor-job-", dir=settings.JOB_WORK_ROOT))
-        for name in ("src", "out", "home", "tmp"):
-            (root / name).mkdir()
-        return cls(root)
-
-    @property
-    def src(self) -> Path:
-        return self.root / "src"
-
-    @property
-    def out(self) -> Path:
-        return self.root / "out"
-
-    def inner(self, path: Path) -> str:
-        """`path` (inside the work directory) as the command sees it."""
-        if self.sandbox == "bwrap":
-            return str(INNER_ROOT / path.relative_to(self.root))
-        return str(path)
-
-    def hand_over(self) -> None:
-        """Give the tree to the sandbox user, when the command will run as someone else."""
-        if self.sandbox != "bwrap" or os.geteuid() != 0:
-            return
-        uid = settings.JOB_SANDBOX_USER
-        for parent, dirs, files in os.walk(self.root):
-            os.chown(parent, uid, uid, follow_symlinks=False)
-            for name in dirs + files:
-                os.chown(os.path.join(parent, name), uid, uid, follow_symlinks=False)
-
-    def remove(self) -> None:
-        shutil.rmtree(self.root, ignore_errors=True)
+class LimitExceeded(PermanentError):
+    """The job ran into one of its limits (memory, processes, disk, files); the message names it."""
 
 
 def toolchain_paths() -> list[str]:
@@ -109,36 +63,52 @@ def search_path() -> str:
     return f"{settings.JOB_TOOLCHAIN / 'bin'}:/usr/bin:/bin"
 
 
-def command_env(workspace: Workspace, extra: dict[str, str], marker: str) -> dict[str, str]:
+def command_env(workspace: Workspace, extra: dict[str, str]) -> dict[str, str]:
     """The whole environment of a job's command: nothing is inherited from the worker."""
     env = {
         "PATH": search_path(),
         "HOME": workspace.inner(workspace.root / "home"),
-        "TMPDIR": workspace.inner(workspace.root / "tmp"),  # on disk, within the work directory
+        "TMPDIR": workspace.inner(workspace.root / "tmp"),  # within the work directory (and its disk)
+        "USER": JOB_USER,
+        "LOGNAME": JOB_USER,
         "LANG": "C.UTF-8",
         "PYTHONUNBUFFERED": "1",  # output arrives line by line, not when a buffer fills
         "PYTHONDONTWRITEBYTECODE": "1",
         "CI": "true",
         **extra,
-        MARKER_VAR: marker,
     }
+    if workspace.marker:  # last: the job's own `env` cannot replace it
+        env[processes.MARKER_VAR] = workspace.marker
     return env
 
 
-def bwrap_argv(workspace: Workspace, env: dict[str, str], argv: list[str]) -> list[str]:
+def drop_privileges(workspace: Workspace) -> list[str]:
+    """A prefix that runs the command as the job's uid, with no capabilities and no way to regain any."""
+    if workspace.uid == os.geteuid():
+        return []
+    uid = str(workspace.uid)
+    return ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
+            "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--"]  # fmt: skip
+
+
+def bwrap_argv(workspace: Workspace, env: dict[str, str], argv: list[str], ro_binds: Sequence[str] = ()) -> list[str]:
     # /tmp first: a mount made after the toolchain's would hide a toolchain that lives under /tmp.
-    wrapped = ["bwrap", "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--ro-bind", "/usr", "/usr"]  # noqa: S108
+    tmp = str(workspace.root / "tmp")
+    wrapped = ["bwrap", "--proc", "/proc", "--dev", "/dev", "--bind", tmp, "/tmp", "--ro-bind", "/usr", "/usr"]  # noqa: S108
     for name in ("bin", "lib", "lib32", "lib64", "sbin"):
         path = Path("/") / name
         if path.is_symlink():
             wrapped += ["--symlink", os.readlink(path), str(path)]
         elif path.is_dir():
             wrapped += ["--ro-bind", str(path), str(path)]
+    wrapped += ["--perms", "0755", "--dir", "/etc"]  # else bwrap makes it 0700: the job could not read in it
     for name in ETC_FILES:
         if (Path("/etc") / name).exists():
             wrapped += ["--ro-bind", f"/etc/{name}", f"/etc/{name}"]
-    for path in toolchain_paths():
-        # Parents that bwrap would create are root-only (0700); the sandbox user must pass them.
+    for name in ("passwd", "group"):
+        wrapped += ["--ro-bind", str(workspace.root / name), f"/etc/{name}"]
+    for path in [*toolchain_paths(), *ro_binds]:
+        # Parents that bwrap would create are root-only (0700); the job's user must pass them.
         for parent in reversed(Path(path).parents[:-1]):
             wrapped += ["--perms", "0755", "--dir", str(parent)]
         wrapped += ["--ro-bind", path, path]
@@ -150,24 +120,29 @@ def bwrap_argv(workspace: Workspace, env: dict[str, str], argv: list[str]) -> li
     for name, value in env.items():
         wrapped += ["--setenv", name, value]
     if os.geteuid() == 0:
-        # Drop to an unprivileged user inside (bwrap needs root to set up the mounts), with no
-        # capabilities and no way to regain them.
-        uid = str(settings.JOB_SANDBOX_USER)
-        wrapped += ["--", "setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
-                    "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--"]  # fmt: skip
+        # bwrap needs root to set up the mounts; the command then runs as the job's uid.
+        wrapped += ["--", *drop_privileges(workspace)]
     else:
         wrapped += ["--unshare-user", "--cap-drop", "ALL", "--"]
     return wrapped + argv
 
 
-def _limits(cpu_seconds: int) -> Callable[[], None]:
-    memory, files, processes = settings.JOB_MEMORY_BYTES, settings.JOB_FILE_BYTES, settings.JOB_MAX_PROCESSES
+def _limits(workspace: Workspace, cpu_seconds: int) -> Callable[[], None]:
+    """Per-process limits: CPU time always; memory per process where no cgroup caps the job's total; a
+    file may not outgrow the job's disk; the process count counts per uid (the job's own, as root)."""
+    limits = workspace.limits
+    cgroup = workspace.slot and workspace.slot.cgroup
+    memory = None if cgroup else limits.memory_bytes
+    # With a cgroup, its pids.max is the limit that counts (and is seen when hit): the per-uid one is
+    # set beyond it, as a second fence.
+    file_bytes, nproc = limits.disk_bytes, limits.max_processes + (64 if cgroup else 0)
 
     def apply() -> None:  # runs in the child between fork and exec: only setrlimit calls
         resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds))
-        resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
-        resource.setrlimit(resource.RLIMIT_FSIZE, (files, files))
-        resource.setrlimit(resource.RLIMIT_NPROC, (processes, processes))
+        if memory:
+            resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_bytes, file_bytes))
+        resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
     return apply
@@ -181,6 +156,19 @@ class Output:
     def tick(self) -> None: ...
 
 
+def confined_argv(
+    argv: list[str], workspace: Workspace, env: dict[str, str], ro_binds: Sequence[str] = ()
+) -> tuple[list[str], dict[str, str]]:
+    """The argv and environment that run `argv` confined in `workspace`."""
+    if workspace.sandbox == "bwrap":
+        full_argv, popen_env = bwrap_argv(workspace, env, argv, ro_binds), {}
+    else:
+        full_argv, popen_env = [*drop_privileges(workspace), *argv], env
+    if workspace.slot and workspace.slot.cgroup:
+        full_argv = workspace.slot.cgroup.enter_argv() + full_argv
+    return full_argv, popen_env
+
+
 def run_command(
     argv: list[str],
     workspace: Workspace,
@@ -189,30 +177,32 @@ def run_command(
     env: dict[str, str] | None = None,
     cpu_seconds: int = 3600,
     timeout: float | None = None,
+    ro_binds: Sequence[str] = (),
 ) -> int:
     """Run a job's command confined in `workspace`; stream its output; return its exit code.
 
-    Raises CommandTimedOut after `timeout` seconds (the Celery soft time limit, or a cancel, arrive as
-    exceptions from outside instead). Whichever way it ends, nothing it started is left running.
+    Raises LimitExceeded as soon as the job runs into a limit, CommandTimedOut after `timeout`
+    seconds (the Celery soft time limit, or a cancel, arrive as exceptions from outside instead).
+    Whichever way it ends, nothing it started is left running.
     """
     if shutil.which(argv[0], path=search_path()) is None:
         raise PermanentError(f"{argv[0]!r} is not installed on this worker (looked in {search_path()})")
-    reap_orphans()
-    marker = f"{os.getpid()}-{uuid.uuid4().hex}"  # names this process, so orphans can be told apart
-    full_env = command_env(workspace, env or {}, marker)
-    if workspace.sandbox == "bwrap":
-        full_argv, popen_env = bwrap_argv(workspace, full_env, argv), {}
-    else:
-        full_argv, popen_env = argv, full_env
-    return run_process(
+    if workspace.marker:
+        processes.reap_orphans()
+    full_argv, popen_env = confined_argv(argv, workspace, command_env(workspace, env or {}), ro_binds)
+    code = run_process(
         full_argv,
         output,
         cwd=workspace.src,
         env=popen_env,
-        marker=marker,
-        preexec_fn=_limits(cpu_seconds),
+        preexec_fn=_limits(workspace, cpu_seconds),
         timeout=timeout,
+        watch=workspace.limit_hit,
+        kill=workspace.kill_processes,
     )
+    if problem := workspace.limit_hit():  # a limit that ended the command just as it exited
+        raise LimitExceeded(problem)
+    return code
 
 
 def run_process(
@@ -221,12 +211,14 @@ def run_process(
     *,
     cwd: Path,
     env: dict[str, str],
-    marker: str | None = None,
     preexec_fn: Callable[[], None] | None = None,
     timeout: float | None = None,
+    watch: Callable[[], str | None] | None = None,
+    kill: Callable[[], None] | None = None,
 ) -> int:
     """Start `argv` in a new session, stream its output (stdout and stderr merged, in order) to
-    `output`, and kill what is left of it when it ends, times out or is interrupted."""
+    `output`, and kill what is left of it (its process group, then `kill`) when it ends, times out,
+    runs into a limit (`watch` returns what was hit) or is interrupted."""
     proc = subprocess.Popen(
         argv,
         cwd=cwd,
@@ -238,6 +230,7 @@ def run_process(
         preexec_fn=preexec_fn,  # only setrlimit calls: safe beside the worker's threads
     )
     deadline = time.monotonic() + timeout if timeout else None
+    next_watch = time.monotonic() + LIMIT_CHECK_INTERVAL
     fd = proc.stdout.fileno()
     try:
         while True:
@@ -251,65 +244,18 @@ def run_process(
                 # The command is done but something it started still holds the pipe open.
                 break
             output.tick()
-            if deadline and time.monotonic() > deadline:
+            now = time.monotonic()
+            if deadline and now > deadline:
                 raise CommandTimedOut(f"timed out after {timeout}s")
+            if watch and now >= next_watch:
+                next_watch = now + LIMIT_CHECK_INTERVAL
+                if problem := watch():
+                    raise LimitExceeded(problem)
         return proc.wait()
     finally:
-        kill_tree(proc, marker)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        if kill:
+            kill()
+        proc.wait()
         proc.stdout.close()
-
-
-def kill_tree(proc: subprocess.Popen, marker: str | None) -> None:
-    """SIGKILL the command's process group (with bwrap, that ends its PID namespace), then any
-    process that still carries the job's marker in its environment (it called setsid and forked)."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    if marker:
-        _kill_marked(lambda found: found == marker)
-
-
-def reap_orphans() -> None:
-    """Kill what is left of jobs whose worker process died without cleaning up (SIGKILL, OOM): their
-    marker names that process, and it is gone. Only the rlimit mode can leave such orphans; bwrap's
-    namespace dies with its parent."""
-    _kill_marked(lambda found: not pid_alive(int(found.partition("-")[0] or 0)))
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process of this id exists on this host (one of another user's counts)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _kill_marked(condition: Callable[[str], bool]) -> None:
-    for _ in range(10):  # a survivor may fork while we look; look again until none is left
-        found = [pid for pid in _pids() if (marker := _marker(pid)) is not None and condition(marker)]
-        if not found:
-            return
-        for pid in found:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
-        time.sleep(0.01)
-
-
-def _pids() -> list[int]:
-    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
-
-
-def _marker(pid: int) -> str | None:
-    """The job marker in a process's environment, if it has one."""
-    prefix = f"{MARKER_VAR}=".encode()
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            entries = f.read().split(b"\0")
-    except OSError:
-        return None
-    return next((e[len(prefix) :].decode() for e in entries if e.startswith(prefix)), None)

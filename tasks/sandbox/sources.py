@@ -1,14 +1,27 @@
-"""Fetching a job's source tree into its work directory: inline files, an upload, or a git ref."""
+"""Fetching a job's source tree into its work directory: inline files, an upload, or a git ref.
 
-import os
+Git runs as hostile code would: inside the job's sandbox, as the job's uid, within the job's disk,
+with a time limit. Over https it has no network of its own: a relay inside the sandbox hands its
+connections, through a socket in the work directory, to a proxy in the worker that resolves each
+host itself and connects only to globally routable addresses (or to hosts in
+JOB_GIT_ALLOWED_HOSTS), counting the bytes received against JOB_GIT_MAX_BYTES.
+"""
+
 import re
+import shlex
+import time
 from pathlib import Path
+from urllib.parse import urlsplit
+
+from django.conf import settings
 
 from apps.jobs.archives import ArchiveError, extract, write_files
 from apps.jobs.errors import PermanentError, RetryableError
 from apps.jobs.models import Job, Upload
-from tasks.joblog import JobLog
-from tasks.sandbox import Output, Workspace, run_process
+from tasks.sandbox.egress import RELAY_SOURCE, EgressProxy
+from tasks.sandbox.joblog import JobLog
+from tasks.sandbox.runner import CommandTimedOut, Output, run_command
+from tasks.sandbox.workspace import Workspace
 
 # What git prints when the repository or ref does not exist: another attempt would not help.
 MISSING = re.compile(
@@ -16,6 +29,7 @@ MISSING = re.compile(
     r"|Could not read from remote repository|unable to find|invalid refspec|not a valid object name",
     re.IGNORECASE,
 )
+PROXY_SOCKET = "egress.sock"  # in the work directory's root: the platform's, not the job's
 
 
 class Captured(Output):
@@ -48,30 +62,98 @@ def fetch(job: Job, workspace: Workspace, log: JobLog) -> None:
             clone(source["git"]["url"], source["git"]["ref"], workspace, log)
     except ArchiveError as exc:
         raise PermanentError(f"source refused: {exc}") from exc
+    workspace.hand_over()
 
 
 def clone(url: str, ref: str, workspace: Workspace, log: JobLog) -> None:
-    """A shallow fetch of one ref (branch, tag or commit) and a checkout of it."""
+    """A shallow fetch of one ref (branch, tag or commit) and a checkout of it, in the sandbox."""
+    parts = urlsplit(url)
+    if parts.scheme not in settings.JOB_GIT_SCHEMES:  # the setting may have changed since submission
+        raise PermanentError(f"git: {url}: the URL scheme must be one of {', '.join(settings.JOB_GIT_SCHEMES)}")
     env = {
-        "PATH": "/usr/bin:/bin",
-        "HOME": str(workspace.root / "home"),
-        "LANG": "C",
         "GIT_TERMINAL_PROMPT": "0",  # never wait for a password
         "GIT_CONFIG_NOSYSTEM": "1",
-        "GIT_CONFIG_GLOBAL": os.devnull,
+        "GIT_CONFIG_GLOBAL": "/dev/null",
+        "GIT_ALLOW_PROTOCOL": parts.scheme,  # no other transport, whatever the repository says
     }
-    steps = [
-        ["git", "init", "-q", "."],
-        ["git", "fetch", "--depth", "1", "--no-tags", "--", url, ref],
-        ["git", "-c", "advice.detachedHead=false", "checkout", "-q", "FETCH_HEAD"],
-    ]
-    for argv in steps:
-        log.line(f"$ {' '.join(argv)}")
-        captured = Captured(log)
-        code = run_process(argv, captured, cwd=Path(workspace.src), env=env)
-        if code == 0:
-            continue
-        detail = captured.text.strip().splitlines()[-1] if captured.text.strip() else f"exit code {code}"
-        if MISSING.search(captured.text):
-            raise PermanentError(f"git: cannot fetch {ref!r} from {url}: {detail}")
-        raise RetryableError(f"git: fetching {ref!r} from {url} failed: {detail}")
+    options = ["-c", "advice.detachedHead=false", "-c", "init.defaultBranch=main"]
+    binds: list[str] = []
+    if parts.scheme == "file":
+        # A repository on the worker's disk (opt-in), read-only, owned by someone else than the job:
+        # git reads `safe.directory` from its global configuration only, not from `-c`.
+        binds.append(parts.path)
+        config = workspace.root / "gitconfig"
+        config.write_text("[safe]\n\tdirectory = *\n")
+        config.chmod(0o644)
+        env["GIT_CONFIG_GLOBAL"] = workspace.inner(config)
+    else:
+        binds += [path for path in ("/etc/ssl", settings.JOB_GIT_CA_FILE) if path and Path(path).exists()]
+        if settings.JOB_GIT_CA_FILE:
+            options += ["-c", f"http.sslCAInfo={settings.JOB_GIT_CA_FILE}"]
+    fetch = ["git", *options, "fetch", "--depth", "1", "--no-tags", "--", url, ref]
+    deadline = time.monotonic() + settings.JOB_GIT_TIMEOUT_SECONDS
+    _git(["git", *options, "init", "-q", "."], workspace, log, env, binds, deadline)
+    if parts.scheme == "file":
+        _git(fetch, workspace, log, env, binds, deadline, url=url, ref=ref)
+    else:
+        socket_path = workspace.root / PROXY_SOCKET
+        proxy = EgressProxy(
+            str(socket_path),
+            allowed_hosts=settings.JOB_GIT_ALLOWED_HOSTS,
+            max_bytes=settings.JOB_GIT_MAX_BYTES,
+            deadline=deadline,
+        )
+        relay = ["python", "-I", "-c", RELAY_SOURCE, workspace.inner(socket_path), "--"]
+        with proxy:
+            _git(fetch, workspace, log, env, binds, deadline, url=url, ref=ref, relay=relay, proxy=proxy)
+    _git(["git", *options, "checkout", "-q", "FETCH_HEAD"], workspace, log, env, binds, deadline)
+
+
+def _git(
+    argv: list[str],
+    workspace: Workspace,
+    log: JobLog,
+    env: dict[str, str],
+    binds: list[str],
+    deadline: float,
+    *,
+    url: str = "",
+    ref: str = "",
+    relay: list[str] | None = None,
+    proxy: EgressProxy | None = None,
+) -> None:
+    log.line(f"$ {' '.join(argv)}")
+    captured = Captured(log)
+    try:
+        code = run_command(
+            [*(relay or []), *argv],
+            workspace,
+            captured,
+            env=env,
+            timeout=max(1.0, deadline - time.monotonic()),
+            ro_binds=binds,
+        )
+    except CommandTimedOut:
+        raise RetryableError(
+            f"git: fetching {ref!r} from {url} took longer than {settings.JOB_GIT_TIMEOUT_SECONDS}s "
+            "(JOB_GIT_TIMEOUT_SECONDS)"
+        ) from None
+    if code == 0:
+        return
+    if proxy is not None:
+        if proxy.exceeded:
+            raise PermanentError(
+                f"git: {url} sent more than {settings.JOB_GIT_MAX_BYTES} bytes (JOB_GIT_MAX_BYTES); not fetched"
+            )
+        if proxy.refusals:
+            raise PermanentError(f"git: cannot fetch {ref!r} from {url}: {proxy.refusals[0]}")
+        if proxy.failures:
+            raise RetryableError(f"git: fetching {ref!r} from {url} failed: {proxy.failures[0]}")
+    lines = [line.strip() for line in captured.text.splitlines() if line.strip()]
+    detail = next((line for line in lines if line.startswith(("fatal:", "error:"))), lines[-1] if lines else "")
+    detail = detail or f"exit code {code}"
+    if not url:
+        raise PermanentError(f"git: `{shlex.join(argv)}` failed: {detail}")
+    if MISSING.search(captured.text):
+        raise PermanentError(f"git: cannot fetch {ref!r} from {url}: {detail}")
+    raise RetryableError(f"git: fetching {ref!r} from {url} failed: {detail}")
