@@ -25,7 +25,7 @@ from rest_framework.test import APIClient
 
 from apps.jobs import live
 from apps.jobs.models import Job
-from tasks import sandbox
+from tasks.sandbox.confinement import capabilities
 from tests.tooljobs import SAMPLE, TOOLCHAIN_PYTHON, sample_files
 
 RUNS = int(os.environ.get("BENCH_RUNS", "10"))
@@ -106,7 +106,7 @@ def main() -> None:
         reset()
     d = statistics.median(direct_times) * 1000
     c = statistics.median(r[0] for r in runs) * 1000
-    print(f"\ntest job on the sample project, median of {RUNS}, sandbox {sandbox.mode()}")
+    print(f"\ntest job on the sample project, median of {RUNS}, sandbox {capabilities().describe()}")
     print(f"{'pytest directly':<34} {d:8.1f} ms")
     print(f"{'through Conveyor (submit->done)':<34} {c:8.1f} ms   ratio {c / d:5.2f}")
     print(f"{'overhead per job':<34} {c - d:8.1f} ms   (target < 300 ms)")

@@ -1,10 +1,21 @@
-"""Celery entry points. Thin: they take ids and call plain functions."""
+"""Celery entry points. Thin: they take ids and call plain functions. Also what the worker says
+about itself: its sandbox, at start-up in its log and on request to `/api/health/`."""
+
+import logging
+from typing import Any
 
 from celery import shared_task
+from celery.signals import worker_ready
+from celery.worker.control import inspect_command
 
 from apps.jobs import callbacks
 from apps.jobs.reconciler import reconcile as reconcile_jobs
 from tasks import execution
+from tasks.sandbox.confinement import capabilities
+
+log = logging.getLogger(__name__)
+
+WORKER_STATUS = "conveyor_status"
 
 
 @shared_task(name="conveyor.run_job", bind=True)
@@ -27,3 +38,28 @@ def reconcile() -> dict[str, int]:
 )
 def deliver_callback(job_id: str) -> int | None:
     return callbacks.deliver(job_id)
+
+
+def worker_status(queues: list[str]) -> dict[str, Any]:
+    """What /api/health/ asks every worker: the queues it consumes and its sandbox."""
+    caps = capabilities()
+    return {"queues": queues, "sandbox": caps.sandbox or "none", "problem": caps.problem}
+
+
+@inspect_command(name=WORKER_STATUS)
+def _status_command(state: Any) -> dict[str, Any]:
+    return worker_status(sorted(queue.name for queue in state.consumer.task_consumer.queues))
+
+
+@worker_ready.connect
+def _say_how_jobs_are_confined(sender: Any, **kwargs: Any) -> None:
+    queues = {queue.name for queue in sender.task_consumer.queues}
+    if "builds" not in queues:
+        return
+    caps = capabilities()
+    if caps.sandbox is None:
+        log.error("sandbox: NONE. Build, test and lint jobs will fail on this worker: %s", caps.problem)
+    elif caps.sandbox == "rlimit":
+        log.warning("sandbox: %s", caps.describe())
+    else:
+        log.info("sandbox: %s", caps.describe())

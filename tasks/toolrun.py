@@ -13,6 +13,7 @@ from django.conf import settings
 from apps.jobs import artifacts
 from apps.jobs.models import Job
 from tasks.sandbox import sources
+from tasks.sandbox.confinement import capabilities
 from tasks.sandbox.files import JobTree, glob_match, may_match_below
 from tasks.sandbox.joblog import JobLog
 from tasks.sandbox.runner import LimitExceeded, run_command
@@ -90,8 +91,11 @@ def tool_run(job: Job, report: Report) -> Iterator[ToolRun]:
     log = JobLog(job.pk)
     workspace = None
     try:
+        # The first line goes out before the work directory is made (its disk takes tens of ms).
+        log.line(f"[conveyor] attempt {job.attempts} of {job.kind} job {job.pk}; sandbox: {capabilities().describe()}")
         workspace = Workspace.create()
-        log.line(f"[conveyor] attempt {job.attempts} of {job.kind} job {job.pk}; sandbox: {workspace.describe()}")
+        if workspace.slot and workspace.slot.uid is not None:
+            log.line(f"[conveyor] running as uid {workspace.slot.uid} (slot {workspace.slot.number})")
         report(5, "fetching source")
         sources.fetch(job, workspace, log)
         yield ToolRun(job, report, workspace, log)

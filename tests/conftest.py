@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -126,7 +127,9 @@ def llm(_llm_server: FakeLLM) -> FakeLLM:
 def git_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GitServer]:
     """A git host over https (a self-signed certificate the workers trust through JOB_GIT_CA_FILE)
     serving `sample.git`, the sample project with the tag v1."""
-    root = tmp_path_factory.mktemp("git-https")
+    # Readable by the jobs' own users, who run git (and read the certificate) in the rlimit mode.
+    root = Path(tempfile.mkdtemp(prefix="conveyor-git-https-"))
+    root.chmod(0o755)
     cert, key = make_certificate(root, ("localhost",))
     with GitServer(root / "repos", cert, key) as server:
         work = root / "work"
@@ -136,6 +139,7 @@ def git_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GitServer]:
             subprocess.run([*git, *step], check=True)
         subprocess.run(["git", "clone", "-q", "--bare", str(work), str(root / "repos" / "sample.git")], check=True)
         yield server
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -178,6 +182,13 @@ def _worker_process(process_env: dict, tmp_path_factory: pytest.TempPathFactory)
 def worker(_worker_process: WorkerProcess, transactional_db: None) -> WorkerProcess:
     _worker_process.ensure_running()
     return _worker_process
+
+
+@pytest.fixture
+def no_shared_worker(_worker_process: WorkerProcess, transactional_db: None) -> None:
+    """The shared worker stopped, for a test that starts a worker of its own (the next test's
+    `worker` fixture starts it again)."""
+    _worker_process.stop()
 
 
 @pytest.fixture(autouse=True)

@@ -340,3 +340,44 @@ def test_artifacts_never_follow_links_out_of_the_tree(worker: WorkerProcess, api
     for name in ("dist/shadow", "dist/passwd", "dist/settings.py", "dist/environ", "dist/up", "dist/etc"):
         assert f"not collected: {name} is a symbolic link" in log
     assert "root:" not in log
+
+
+@pytest.mark.usefixtures("no_shared_worker")  # the shared worker has bwrap: it must not take the job
+def test_a_worker_without_bwrap_refuses_tool_jobs_and_says_so(
+    process_env: dict, api: APIClient, tmp_path: Path
+) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for program in Path("/usr/bin").iterdir():
+        if program.name != "bwrap":
+            (bin_dir / program.name).symlink_to(program)
+    log = tmp_path / "worker.log"
+    without_bwrap = WorkerProcess({**process_env, "PATH": f"{bin_dir}:/usr/sbin:/sbin"}, log)
+    without_bwrap.start()
+    try:
+        health = APIClient().get("/api/health/")
+        job = wait_final(submit(api, "test", {"files": {"test_a.py": "def test_a(): pass\n"}}), timeout=60)
+    finally:
+        without_bwrap.stop()
+
+    assert job.status == Job.Status.FAILED
+    assert job.attempts == 1
+    assert job.error["type"] == "SandboxUnavailable"
+    assert "bwrap (bubblewrap) is not installed" in job.error["message"]
+    assert "JOB_SANDBOX=rlimit" in job.error["message"]
+    assert health.status_code == 503
+    assert "bwrap (bubblewrap) is not installed" in health.json()["sandbox"]
+    assert "sandbox: NONE" in log.read_text()
+
+
+def test_any_bytes_a_tool_prints_are_kept_and_the_job_succeeds(worker: WorkerProcess, api: APIClient) -> None:
+    script = "import sys; sys.stdout.buffer.write(b'nul:\\x00 bad:\\xff\\xfe end\\n')"
+    job_id = submit(api, "test", {"files": {"odd.py": script}}, command=["python", "odd.py"])
+
+    stream = api.get(f"/api/jobs/{job_id}/stream/", HTTP_ACCEPT="text/event-stream")
+    body = b"".join(stream.streaming_content).decode()
+    job = wait_final(job_id)
+
+    assert job.status == Job.Status.SUCCEEDED, job.error
+    assert "nul:\ufffd bad:\ufffd\ufffd end" in full_log(api, job_id)
+    assert any("nul:\ufffd bad:\ufffd\ufffd end" in data.get("text", "") for _, data in sse_events(body))

@@ -213,7 +213,10 @@ def make_disk(kind: str, root: Path, image: Path, size: int, inodes: int) -> Non
             os.ftruncate(fd, size)  # sparse: disk is used as the job writes
         finally:
             os.close(fd)
-        _run(["mkfs.ext4", "-q", "-F", "-m", "0", "-N", str(inodes), "-O", "^has_journal",
+        # A scratch file system for one job: no journal, no room to grow, no checksums (half the
+        # time of mkfs's defaults: 16 against 32 ms here).
+        _run(["mkfs.ext4", "-q", "-F", "-m", "0", "-N", str(inodes), "-G", "32",
+              "-O", "^has_journal,^resize_inode,^metadata_csum",
               "-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard,root_owner=0:0", str(image)])  # fmt: skip
         _run(["mount", "-o", "loop,nosuid,nodev", str(image), str(root)])
     elif kind == "tmpfs":
@@ -419,10 +422,11 @@ class Slot:
         os.pwrite(self._fd, data, 0)
 
     def kill_processes(self) -> None:
-        """Every process of the job, wherever it went."""
+        """Every process of the job, wherever it went: its cgroup holds them all (a process cannot
+        leave it), else its uid does."""
         if self.cgroup:
             self.cgroup.kill()
-        if self.uid is not None:
+        elif self.uid is not None:
             processes.kill_uid(self.uid)
 
     def release(self) -> None:

@@ -134,12 +134,14 @@ def _git(
             ro_binds=binds,
         )
     except CommandTimedOut:
+        code = None
+    if code == 0:
+        return
+    if code is None or (proxy is not None and proxy.expired):
         raise RetryableError(
             f"git: fetching {ref!r} from {url} took longer than {settings.JOB_GIT_TIMEOUT_SECONDS}s "
             "(JOB_GIT_TIMEOUT_SECONDS)"
-        ) from None
-    if code == 0:
-        return
+        )
     if proxy is not None:
         if proxy.exceeded:
             raise PermanentError(

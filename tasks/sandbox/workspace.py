@@ -14,8 +14,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from django.conf import settings
-
 from apps.jobs.errors import PermanentError, RetryableError
 from tasks.sandbox import processes
 from tasks.sandbox.confinement import (
@@ -124,13 +122,6 @@ class Workspace:
         for _, dirs, files, dir_fd in os.fwalk(self.src, follow_symlinks=False):
             for name in dirs + files:
                 os.chown(name, uid, uid, dir_fd=dir_fd, follow_symlinks=False)
-
-    def describe(self) -> str:
-        """The job's confinement, for the first line of its log."""
-        text = self.caps.describe(self.limits) if self.sandbox == self.caps.sandbox else self.sandbox
-        if self.slot and self.slot.uid is not None:
-            text = text.replace(f"uid per job from {settings.JOB_UID_BASE}", f"uid {self.slot.uid}")
-        return text
 
     def limit_hit(self) -> str | None:
         """What limit the job has run into, in words naming its setting; None while within them."""

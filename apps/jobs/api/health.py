@@ -11,6 +11,8 @@ from rest_framework.decorators import (
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+WORKER_STATUS = "conveyor_status"  # the workers' inspect command (tasks/jobs.py), named, not imported
+
 
 @extend_schema(responses={200: OpenApiTypes.OBJECT, 503: OpenApiTypes.OBJECT})
 @api_view(["GET"])
@@ -18,7 +20,8 @@ from rest_framework.response import Response
 @permission_classes([])
 @throttle_classes([])
 def health(request: Request) -> Response:
-    """200 when the database and broker answer and at least one worker replies to a ping; else 503."""
+    """200 when the database and broker answer and at least one worker replies, and every worker
+    that consumes `builds` has a sandbox; else 503, naming the part that fails."""
     state: dict[str, object] = {}
     try:
         with connection.cursor() as cursor:
@@ -30,12 +33,21 @@ def health(request: Request) -> Response:
         with current_app.connection_for_read() as conn:
             conn.ensure_connection(max_retries=1, timeout=2)
         state["broker"] = "ok"
-        replies = current_app.control.ping(timeout=1.0)
-        state["workers"] = sorted(name for reply in replies for name in reply)
+        replies = current_app.control.broadcast(WORKER_STATUS, reply=True, timeout=1.0)
+        workers = {name: status for reply in replies for name, status in reply.items()}
     except Exception as exc:
         state["broker"] = f"error: {type(exc).__name__}"
-        state["workers"] = []
-    healthy = state["database"] == "ok" and state["broker"] == "ok" and bool(state["workers"])
+        workers = {}
+    state["workers"] = sorted(workers)
+    unconfined = {
+        name: status.get("problem") or "no sandbox"
+        for name, status in workers.items()
+        if isinstance(status, dict) and "builds" in status.get("queues", []) and status.get("sandbox") == "none"
+    }
+    state["sandbox"] = (
+        "; ".join(f"unavailable on {name}: {problem}" for name, problem in sorted(unconfined.items())) or "ok"
+    )
+    healthy = state["database"] == "ok" and state["broker"] == "ok" and bool(workers) and not unconfined
     return Response(
         {"status": "ok" if healthy else "unavailable", **state},
         status=200 if healthy else 503,
