@@ -16,6 +16,7 @@ FLOWER_BASIC_AUTH=admin:$password
 ENV
   echo "wrote .env (secrets for this checkout; not committed)"
 fi
+chmod 600 .env  # secrets: the worker's alone
 if ! grep -q '^CREDENTIALS_KEYS=' .env; then
   echo "CREDENTIALS_KEYS=$(python -c 'from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())')" >> .env
 fi

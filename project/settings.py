@@ -212,6 +212,8 @@ JOB_CGROUP_ROOT = env.str("JOB_CGROUP_ROOT", default="")
 
 MEDIA_ROOT = Path(env.str("MEDIA_ROOT", default=str(BASE_DIR / "media")))  # uploads and artifacts
 MEDIA_URL = "media/"  # never served directly: downloads go through the API's permission checks
+FILE_UPLOAD_PERMISSIONS = 0o640  # uploads and artifacts: the platform's users only
+FILE_UPLOAD_DIRECTORY_PERMISSIONS = 0o750
 
 # --- AI generation --------------------------------------------------------------------------
 AI_PROVIDERS = ("openai", "anthropic")

@@ -65,6 +65,16 @@ def test_a_bad_source_is_a_400_naming_what_is_wrong(api: APIClient, source: dict
     assert "token" not in response.content.decode()
 
 
+def test_inline_text_that_is_not_valid_unicode_is_a_400(api: APIClient) -> None:
+    body = '{"kind": "test", "payload": {"source": {"files": {"a.py": "half of a pair: \\ud800"}}}}'
+
+    response = api.post("/api/jobs/", body, content_type="application/json")
+
+    assert response.status_code == 400
+    assert "not valid Unicode" in response.json()["payload"]["source"]["files"][0]
+    assert Job.objects.count() == 0
+
+
 def test_bad_env_names_and_escaping_artifact_globs_are_refused(api: APIClient) -> None:
     response = submit(
         api,

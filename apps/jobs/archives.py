@@ -405,7 +405,11 @@ def check_files(files: dict[str, str]) -> None:
     budget = _Budget()
     for name, text in files.items():
         check_relative_path(name)
-        budget.add(True, len(text.encode()))
+        try:
+            size = len(text.encode())
+        except UnicodeEncodeError:  # a lone surrogate, which JSON's \ud800 escapes can carry
+            raise ArchiveError(f"{name!r}: the text is not valid Unicode") from None
+        budget.add(True, size)
 
 
 def write_files(files: dict[str, str], dest: Path) -> None:
