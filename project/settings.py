@@ -109,7 +109,9 @@ CELERY_RESULT_BACKEND = None
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
-CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = True
+# A broker blip must not restart running jobs: the row is the truth and claims are fenced, so a job
+# keeps running and its message is settled once the connection is back (or redelivered, and refused).
+CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = False
 # Task events cost three broker messages per task. Off unless asked: Flower turns them on in the
 # workers it watches (its `enable_events`, on by default), so they flow only while someone looks.
 CELERY_WORKER_SEND_TASK_EVENTS = env.bool("CELERY_WORKER_SEND_TASK_EVENTS", default=False)
@@ -156,6 +158,9 @@ JOBS_REDISPATCH_GRACE_SECONDS = env.float("JOBS_REDISPATCH_GRACE_SECONDS", defau
 JOBS_RECONCILE_INTERVAL_SECONDS = env.float("JOBS_RECONCILE_INTERVAL_SECONDS", default=5.0)
 JOBS_RETRY_BASE_SECONDS = env.float("JOBS_RETRY_BASE_SECONDS", default=2.0)
 JOBS_RETRY_MAX_SECONDS = env.float("JOBS_RETRY_MAX_SECONDS", default=600.0)
+# Times a running job may be handed back by a worker shutting down (a deploy) without the attempt
+# counting; beyond that, a hand-back counts as an attempt.
+JOBS_MAX_HANDBACKS = env.int("JOBS_MAX_HANDBACKS", default=3)
 JOBS_PROGRESS_MIN_INTERVAL_SECONDS = env.float("JOBS_PROGRESS_MIN_INTERVAL_SECONDS", default=0.5)
 # Seconds between the soft time limit (the job is told and marked timed_out) and the hard kill.
 JOBS_HARD_TIMEOUT_GRACE_SECONDS = env.int("JOBS_HARD_TIMEOUT_GRACE_SECONDS", default=10)
@@ -236,17 +241,9 @@ PERSONAS_DIR = Path(env.str("PERSONAS_DIR", default=str(BASE_DIR / "personas")))
 # Fernet keys for stored provider keys, comma-separated; the first encrypts (see rotate_credentials).
 CREDENTIALS_KEYS = env.list("CREDENTIALS_KEYS", default=[])
 
-CELERY_BEAT_SCHEDULE = {
-    "reconcile-jobs": {
-        "task": "conveyor.reconcile",
-        "schedule": JOBS_RECONCILE_INTERVAL_SECONDS,
-        "options": {
-            "queue": "default",
-            "priority": 0,
-            "expires": JOBS_RECONCILE_INTERVAL_SECONDS * 2,
-        },
-    },
-}
+# Beat runs the reconciler in its own process, and promotes scheduled jobs (apps/jobs/scheduler.py).
+CELERY_BEAT_SCHEDULER = "apps.jobs.scheduler:Scheduler"
+CELERY_BEAT_SCHEDULE: dict = {}
 
 # --- REST API ---------------------------------------------------------------------------------
 REST_FRAMEWORK = {

@@ -1,11 +1,16 @@
 """Running one attempt of a job: claim it, run its kind's handler, record how it ended.
 
 Plain functions, testable without Celery; `tasks.jobs.run_job` is the thin Celery entry point.
+
+The attempt's deadline belongs to the platform: it is counted from the claim, on this process's
+monotonic clock, and whatever a handler, a provider SDK or a tool does with Celery's soft time limit
+(some turn it into a connection error), an attempt that ends past its deadline is `timed_out`.
+The attempt's lease is renewed by a heartbeat thread; when it cannot be renewed (the database is
+unreachable, the job was taken over or cancelled), the handler is stopped before the lease runs out.
 """
 
 import logging
 import os
-import random
 import signal
 import socket
 import threading
@@ -13,15 +18,16 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from functools import cache
+from pathlib import Path
+from typing import Any, TypeVar
 
 from billiard.process import current_process
-from celery.exceptions import SoftTimeLimitExceeded
+from celery.exceptions import Reject, SoftTimeLimitExceeded
 from django.conf import settings
-from django.db import InterfaceError, OperationalError, close_old_connections, connection
+from django.db import DatabaseError, InterfaceError, OperationalError, close_old_connections, connection
 
-from apps.jobs import lifecycle
-from apps.jobs.dispatch import publish_safely
+from apps.jobs import lifecycle, live, sql
 from apps.jobs.errors import JobInterrupted, PermanentError, RetryableError
 from apps.jobs.models import Job, Status
 from tasks.handlers import HANDLERS
@@ -30,32 +36,48 @@ from tasks.sandbox.processes import pid_alive
 log = logging.getLogger(__name__)
 
 RETRYABLE = (RetryableError, ConnectionError, TimeoutError)
+# An attempt's final write is tried this many times (with a pause that doubles from WRITE_PAUSE)
+# while the database is unreachable, before the message is handed back to the broker.
+WRITE_TRIES = 5
+WRITE_PAUSE = 0.5
+T = TypeVar("T")
 
 
-def runner_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+@cache
+def _namespace() -> str:
+    """This machine's boot and this process's PID namespace: two containers that share a hostname
+    (or a pid) are never taken for one another."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()[:8]
+    except OSError:
+        boot = "-"
+    try:
+        pid_ns = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        pid_ns = 0
+    return f"{boot}:{pid_ns}"
 
 
-def process_is_gone(runner: str) -> bool:
-    """True when `runner` (host:pid) names a process of this host that no longer exists.
+def process_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}@{_namespace()}"
 
-    Only a same-host check is possible; a runner on another host is judged by its heartbeat instead.
-    """
-    host, _, pid = runner.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
+
+def process_is_gone(process: str) -> bool:
+    """True when `process` names a process of this machine and PID namespace that no longer exists.
+    A process anywhere else is judged by its lease (the heartbeat) instead."""
+    where, _, namespace = process.partition("@")
+    host, _, pid = where.rpartition(":")
+    if host != socket.gethostname() or namespace != _namespace() or not pid.isdigit():
         return False
     return not pid_alive(int(pid))
 
 
-def backoff(attempt: int, retry_after: float | None = None) -> float:
-    """Exponential backoff with full jitter; a server's Retry-After wins when it gave one."""
-    if retry_after is not None:
-        return max(0.0, retry_after)
-    ceiling = min(
-        settings.JOBS_RETRY_MAX_SECONDS,
-        settings.JOBS_RETRY_BASE_SECONDS * 2 ** (attempt - 1),
-    )
-    return random.uniform(0, ceiling)
+def record_claim_order(job: Job) -> None:
+    """Tell the reconciler how far the workers have come in the job's queue and priority (the latest
+    publish time claimed), so that it can tell a lost message from one still waiting its turn."""
+    published = max(filter(None, (job.queued_at, job.redispatched_at)), default=None)
+    if published is not None:  # (a retry's claim names an older time: the record keeps the latest)
+        live.record_claimed(job.queue, job.priority, published.timestamp())
 
 
 class Reporter:
@@ -96,15 +118,18 @@ class Reporter:
 class Watched:
     job: Job
     reporter: Reporter
-    on_lost: Callable[[], None]
+    on_lost: Callable[[str], None]
     last_beat: float = field(default_factory=time.monotonic)
+    renewed: float = field(default_factory=time.monotonic)  # when the lease was last renewed
+    lost: str = ""
 
 
 class Heartbeat:
     """One thread per worker process that renews the lease of the job(s) it runs.
 
-    A job that is no longer this process's when its lease is renewed (cancelled, or taken over
-    after a long stall) is stopped through `on_lost`.
+    A job that is no longer this attempt's when its lease is renewed (cancelled, taken over), or whose
+    lease could not be renewed for so long that it is about to run out (the database is unreachable),
+    is stopped through `on_lost`, before another worker may take it.
     """
 
     _instance: "Heartbeat | None" = None
@@ -123,144 +148,202 @@ class Heartbeat:
         self._thread.start()
 
     @contextmanager
-    def watch(self, job: Job, reporter: Reporter, on_lost: Callable[[], None]) -> Iterator[None]:
+    def watch(self, job: Job, reporter: Reporter, on_lost: Callable[[str], None]) -> Iterator[Watched]:
+        watched = Watched(job, reporter, on_lost)
         with self._lock:
-            self._watched[job.pk] = Watched(job, reporter, on_lost)
+            self._watched[job.pk] = watched
         try:
-            yield
+            yield watched
         finally:
             with self._lock:
                 self._watched.pop(job.pk, None)
 
     def _loop(self) -> None:
         interval = settings.JOBS_HEARTBEAT_SECONDS
+        # Stop a job whose lease could not be renewed this long: two beats before it would run out.
+        give_up_after = max(interval, settings.JOBS_LEASE_SECONDS - 2 * interval)
         while True:
             time.sleep(min(interval, settings.JOBS_PROGRESS_MIN_INTERVAL_SECONDS))
             with self._lock:
                 watched = list(self._watched.values())
-            if not watched:
-                continue
-            try:
-                close_old_connections()
-                for w in watched:
+            for w in watched:
+                if w.lost:
+                    continue
+                try:
+                    close_old_connections()
                     w.reporter.flush()
                     if time.monotonic() - w.last_beat < interval:
                         continue
                     w.last_beat = time.monotonic()
-                    if not lifecycle.heartbeat(w.job) and w.job.pk in self._watched:
-                        log.info(
-                            "job %s is no longer ours (cancelled?); stopping it",
-                            w.job.pk,
-                        )
-                        w.on_lost()
-            except Exception:
-                log.exception("heartbeat failed")
-                connection.close()
+                    if lifecycle.heartbeat(w.job):
+                        w.renewed = time.monotonic()
+                    elif w.job.pk in self._watched:
+                        self._lose(w, "the job is no longer this attempt's (cancelled or taken over)")
+                except Exception as exc:
+                    connection.close()
+                    if time.monotonic() - w.renewed >= give_up_after:
+                        self._lose(w, f"its lease could not be renewed for {give_up_after:g}s ({type(exc).__name__})")
+                    else:
+                        log.warning("job %s: heartbeat failed: %s", w.job.pk, exc)
+
+    def _lose(self, watched: Watched, reason: str) -> None:
+        log.warning("job %s: stopping it: %s", watched.job.pk, reason)
+        watched.lost = reason
+        watched.on_lost(reason)
+
+
+_interrupt_reason = ""
 
 
 def _raise_interrupted(signum: int, frame: Any) -> None:
-    raise JobInterrupted(f"stopped by signal {signal.Signals(signum).name}")
+    raise JobInterrupted(_interrupt_reason or f"stopped by signal {signal.Signals(signum).name}")
 
 
 @contextmanager
-def interruptible() -> Iterator[Callable[[], None]]:
-    """While the handler runs, SIGTERM (revoke with terminate, cold shutdown) raises JobInterrupted
-    in it so that its cleanup runs (a build's process group is killed). Yields a function that
-    interrupts the job from another thread.
+def interruptible() -> Iterator[Callable[[str], None]]:
+    """While the handler runs, SIGTERM (revoke with terminate, a worker's cold shutdown, the hard time
+    limit) raises JobInterrupted in it so that its cleanup runs (a build's processes are killed).
+    Yields a function that interrupts the job from another thread, saying why.
 
     Only in a prefork pool process: in any other process SIGTERM belongs to the worker itself.
     """
     if threading.current_thread() is not threading.main_thread() or current_process().name == "MainProcess":
-        yield lambda: None
+        yield lambda reason: None
         return
+
+    def interrupt(reason: str) -> None:
+        global _interrupt_reason
+        _interrupt_reason = reason
+        os.kill(os.getpid(), signal.SIGTERM)
+
     previous = signal.signal(signal.SIGTERM, _raise_interrupted)
     try:
-        yield lambda: os.kill(os.getpid(), signal.SIGTERM)
+        yield interrupt
     finally:
         signal.signal(signal.SIGTERM, previous)
+        globals()["_interrupt_reason"] = ""
 
 
-def take_over(job_id: str, *, task_id: str, worker: str, runner: str) -> Job | None:
-    """A message for a running job whose process died here (the pool put the message back):
-    settle the lost attempt, then claim the job again if it has attempts left."""
+def _with_database(write: Callable[[], T]) -> T:
+    """Run a write of the attempt, again on a new connection while the database is unreachable (a
+    bounded number of times); if it stays unreachable, the message goes back to the broker unacked
+    (the job's lease runs out meanwhile and the reconciler settles the attempt)."""
+    pause = WRITE_PAUSE
+    for tries_left in range(WRITE_TRIES - 1, -1, -1):
+        try:
+            return write()
+        except (InterfaceError, OperationalError) as exc:
+            connection.close()
+            if not tries_left:
+                log.error("database unreachable; the message goes back to the broker: %s", exc)
+                time.sleep(pause)  # not at once: the next delivery would meet the same outage
+                raise Reject(f"database unreachable: {exc}", requeue=True) from None
+            time.sleep(pause)
+            pause *= 2
+    raise AssertionError("unreachable")
+
+
+def take_over(job_id: str, *, task_id: str, worker: str, process: str) -> Job | None:
+    """A message for a running job whose attempt is over without having said so: its process died
+    here (the pool put the message back), or its lease ran out. Settle that attempt, then claim the
+    job again if it has attempts left."""
     job = Job.objects.filter(pk=job_id, status=Status.RUNNING).first()
-    if job is None or not process_is_gone(job.runner):
+    if job is None:
         return None
-    if lifecycle.recover_lost(job, "worker process lost") != Status.QUEUED:
+    now = sql.db_now()
+    expired = job.heartbeat_at is not None and (now - job.heartbeat_at).total_seconds() > settings.JOBS_LEASE_SECONDS
+    if not (process_is_gone(job.process) or expired):
         return None
-    return lifecycle.claim(job.pk, task_id=task_id, worker=worker, runner=runner)
+    reason = "worker process lost" if not expired else "worker lost (its lease ran out)"
+    if lifecycle.recover_lost(job, reason, now, publish=False) != Status.QUEUED:
+        return None
+    return lifecycle.claim(job.pk, task_id=task_id, worker=worker, process=process)
+
+
+def _claim(job_id: str, *, task_id: str, worker: str, process: str) -> Job | None:
+    try:
+        return lifecycle.claim(job_id, task_id=task_id, worker=worker, process=process) or take_over(
+            job_id, task_id=task_id, worker=worker, process=process
+        )
+    except (InterfaceError, OperationalError):
+        # The kept connection died (a database restart): claim again on a new one. The claim is a
+        # single statement, so the failed one changed nothing.
+        connection.close()
+    return _with_database(
+        lambda: (
+            lifecycle.claim(job_id, task_id=task_id, worker=worker, process=process)
+            or take_over(job_id, task_id=task_id, worker=worker, process=process)
+        )
+    )
 
 
 def run(job_id: str, *, task_id: str, worker: str) -> str | None:
     """Run one attempt of a job. Returns the status it ended in, or None if it was not ours to run."""
     close_old_connections()
-    runner = runner_id()
-    try:
-        job = lifecycle.claim(job_id, task_id=task_id, worker=worker, runner=runner)
-    except (InterfaceError, OperationalError):
-        # The kept connection died (a database restart): claim again on a new one. The claim is a
-        # single statement, so the failed one changed nothing.
-        connection.close()
-        job = lifecycle.claim(job_id, task_id=task_id, worker=worker, runner=runner)
-    job = job or take_over(job_id, task_id=task_id, worker=worker, runner=runner)
+    job = _claim(job_id, task_id=task_id, worker=worker, process=process_id())
     if job is None:
-        log.info(
-            "job %s not claimable (already claimed, finished, cancelled or not due)",
-            job_id,
-        )
+        log.info("job %s not claimable (already claimed, finished, cancelled or not due)", job_id)
         return None
+    deadline = time.monotonic() + job.timeout_seconds
+    record_claim_order(job)
     reporter = Reporter(job)
+    watched: Watched | None = None
     try:
-        with (
-            interruptible() as interrupt,
-            Heartbeat.get().watch(job, reporter, interrupt),
-        ):
+        with interruptible() as interrupt, Heartbeat.get().watch(job, reporter, interrupt) as watched:
             result = HANDLERS[job.kind](job, reporter)
     except JobInterrupted as exc:
-        return _interrupted(job, str(exc))
+        reason = str(exc)
+        return _with_database(lambda: _interrupted(job, reason, watched, deadline))
     except SoftTimeLimitExceeded:
-        lifecycle.fail(
-            job,
-            "TimeoutError",
-            f"timed out after {job.timeout_seconds}s",
-            status=Status.TIMED_OUT,
-        )
-        return Status.TIMED_OUT
-    except RETRYABLE as exc:
-        return _retry_or_fail(job, exc)
-    except PermanentError as exc:
-        lifecycle.fail(job, type(exc).__name__, str(exc))
-        return Status.FAILED
+        return _with_database(lambda: lifecycle.end_attempt(job, "", "", retryable=False, timed_out=True))
     except Exception as exc:
-        log.exception("job %s (%s) raised", job.pk, job.kind)
-        lifecycle.fail(job, type(exc).__name__, str(exc) or type(exc).__name__)
-        return Status.FAILED
+        error = exc
+        return _with_database(lambda: _failed(job, error, deadline))
     pending = reporter.take_pending()
-    lifecycle.succeed(job, result, progress_message=pending[1] if pending else None)
-    return Status.SUCCEEDED
+    return _with_database(lambda: _succeeded(job, result, pending[1] if pending else None))
 
 
-def _retry_or_fail(job: Job, exc: Exception) -> str:
-    message = str(exc) or type(exc).__name__
-    if job.attempts >= job.max_attempts:
-        lifecycle.fail(
-            job,
-            type(exc).__name__,
-            f"{message} (gave up after {job.attempts} attempts)",
-        )
-        return Status.FAILED
-    delay = backoff(job.attempts, getattr(exc, "retry_after", None))
-    if lifecycle.schedule_retry(job, type(exc).__name__, message, delay):
-        publish_safely([job], countdown=delay)
-    return Status.RETRYING
+def _succeeded(job: Job, result: Any, progress_message: str | None) -> str | None:
+    try:
+        won = lifecycle.succeed(job, result, progress_message=progress_message)
+    except (InterfaceError, OperationalError):
+        raise  # unreachable: tried again by the caller
+    except DatabaseError as exc:
+        # A value the database refuses even after cleaning: the job fails, saying so, instead of
+        # staying `running` until its lease runs out.
+        connection.close()
+        log.exception("job %s: its result could not be stored", job.pk)
+        message = f"the result could not be stored: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        return lifecycle.end_attempt(job, "UnstorableResult", message, retryable=False)
+    return Status.SUCCEEDED if won else None
 
 
-def _interrupted(job: Job, reason: str) -> str | None:
-    if Job.objects.filter(pk=job.pk, status=Status.CANCELLED).exists():
+def _failed(job: Job, exc: Exception, deadline: float) -> str | None:
+    if time.monotonic() >= deadline:
+        # Past the deadline, whatever the handler made of the soft time limit (an SDK may turn it
+        # into a connection error): the attempt timed out.
+        return lifecycle.end_attempt(job, "", "", retryable=False, timed_out=True)
+    if not isinstance(exc, (*RETRYABLE, PermanentError)):
+        log.exception("job %s (%s) raised", job.pk, job.kind)
+    return lifecycle.end_attempt(
+        job,
+        type(exc).__name__,
+        str(exc) or type(exc).__name__,
+        retryable=isinstance(exc, RETRYABLE),
+        retry_after=getattr(exc, "retry_after", None),
+    )
+
+
+def _interrupted(job: Job, reason: str, watched: Watched | None, deadline: float) -> str | None:
+    current = Job.objects.filter(pk=job.pk).values_list("status", "lease").first()
+    if current is None:
+        return None
+    status, lease = current
+    if status == Status.CANCELLED:
         return Status.CANCELLED
-    # Not cancelled: the worker is going away. The job was not at fault; run it again elsewhere.
-    if lifecycle.requeue_interrupted(job, f"interrupted: {reason}"):
-        job.refresh_from_db()
-        publish_safely([job])
-        return Status.QUEUED
-    return None
+    if status != Status.RUNNING or lease != job.lease or (watched and watched.lost):
+        return None  # no longer this attempt's to settle
+    if time.monotonic() >= deadline:  # Celery's hard time limit arrives as SIGTERM too
+        return lifecycle.end_attempt(job, "", "", retryable=False, timed_out=True)
+    # Not cancelled, not late: the worker is going away. The job was not at fault; it goes back.
+    return lifecycle.hand_back(job, f"interrupted: {reason}")

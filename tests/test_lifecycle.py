@@ -1,13 +1,17 @@
 """The lifecycle refuses transitions the state machine does not allow, and records those it makes."""
 
+import uuid
+from datetime import timedelta
+
 import pytest
 from django.contrib.auth.models import User
+from django.db import connection
 
 from apps.jobs import lifecycle
 from apps.jobs.kinds import KINDS
+from apps.jobs.lifecycle import backoff
 from apps.jobs.models import Job
 from apps.jobs.services import build_job
-from tasks.execution import backoff
 from tasks.handlers import HANDLERS
 
 pytestmark = pytest.mark.django_db
@@ -21,8 +25,8 @@ def test_a_queued_job_cannot_be_finished_without_being_claimed(user: User) -> No
     job = new_job(user)
 
     assert lifecycle.succeed(job, {"x": 1}) is False
-    assert lifecycle.fail(job, "E", "boom") is False
-    assert lifecycle.retry(job.pk) is False
+    assert lifecycle.end_attempt(job, "E", "boom", retryable=False) is None
+    assert lifecycle.replay(job.pk) is False
     assert Job.objects.get(pk=job.pk).status == Job.Status.QUEUED
     assert job.events.count() == 1
 
@@ -30,8 +34,8 @@ def test_a_queued_job_cannot_be_finished_without_being_claimed(user: User) -> No
 def test_only_one_of_two_claims_wins(user: User) -> None:
     job = new_job(user)
 
-    first = lifecycle.claim(job.pk, task_id="t1", worker="w1", runner="h:1")
-    second = lifecycle.claim(job.pk, task_id="t2", worker="w2", runner="h:2")
+    first = lifecycle.claim(job.pk, task_id="t1", worker="w1", process="h:1")
+    second = lifecycle.claim(job.pk, task_id="t2", worker="w2", process="h:2")
 
     assert first is not None
     assert second is None
@@ -43,7 +47,7 @@ def test_the_claimed_job_equals_its_stored_row(user: User) -> None:
     spec = {"kind": "echo", "payload": {"message": 'ü \\ "q"', "sleep_ms": 5}, "run_at": None, "priority": "high"}
     job = lifecycle.create_jobs([build_job(user, spec)])[0]
 
-    claimed = lifecycle.claim(job.pk, task_id="t1", worker="w1", runner="h:1")
+    claimed = lifecycle.claim(job.pk, task_id="t1", worker="w1", process="h:1")
 
     stored = Job.objects.get(pk=job.pk)
     for field in Job._meta.concrete_fields:
@@ -55,15 +59,15 @@ def test_the_claimed_job_equals_its_stored_row(user: User) -> None:
 
 
 def test_a_finished_attempt_of_another_process_is_refused(user: User) -> None:
-    job = lifecycle.claim(new_job(user).pk, task_id="t1", worker="w1", runner="h:1")
-    job.runner = "h:2"  # a stale process that lost the job
+    job = lifecycle.claim(new_job(user).pk, task_id="t1", worker="w1", process="h:1")
+    job.lease = uuid.uuid4()  # a stale attempt that lost the job
 
     assert lifecycle.succeed(job, {}) is False
     assert Job.objects.get(pk=job.pk).status == Job.Status.RUNNING
 
 
 def test_a_lost_job_out_of_attempts_is_dead_lettered(user: User) -> None:
-    job = lifecycle.claim(new_job(user).pk, task_id="t1", worker="w1", runner="h:1")
+    job = lifecycle.claim(new_job(user).pk, task_id="t1", worker="w1", process="h:1")
     Job.objects.filter(pk=job.pk).update(max_attempts=1)
     job.refresh_from_db()
 
@@ -81,7 +85,91 @@ def test_backoff_grows_exponentially_under_its_cap_and_honours_retry_after(setti
     assert all(backoff(20) <= 10 for _ in range(50))
     assert max(backoff(3) for _ in range(200)) > 1  # jitter spreads over the whole window
     assert backoff(5, retry_after=7) == 7
+    assert backoff(5, retry_after=86_400) == 10  # a server cannot park a job beyond the cap
 
 
 def test_every_kind_has_a_handler() -> None:
     assert set(HANDLERS) == set(KINDS)
+
+
+def claimed(user: User, **fields: object) -> Job:
+    job = new_job(user)
+    if fields:
+        Job.objects.filter(pk=job.pk).update(**fields)
+    return lifecycle.claim(job.pk, task_id="t1", worker="w1", process="h:1")
+
+
+def test_an_attempt_taken_over_writes_nothing_more(user: User) -> None:
+    first = claimed(user)
+    Job.objects.filter(pk=first.pk).update(heartbeat_at=first.heartbeat_at - timedelta(hours=1))
+    assert lifecycle.recover_lost(Job.objects.get(pk=first.pk), "lease ran out") == Job.Status.QUEUED
+    second = lifecycle.claim(first.pk, task_id="t2", worker="w2", process="h:2")
+
+    assert second.lease != first.lease
+    assert lifecycle.heartbeat(first) is False
+    lifecycle.set_progress(first, 50, "stale")
+    assert lifecycle.succeed(first, {"stale": True}) is False
+    assert lifecycle.end_attempt(first, "E", "stale", retryable=True) is None
+    stored = Job.objects.get(pk=first.pk)
+    assert (stored.status, stored.attempts, stored.progress, stored.result) == (Job.Status.RUNNING, 2, 0, None)
+    assert lifecycle.succeed(second, {"ok": True}) is True
+
+
+def test_the_lease_is_stamped_by_the_databases_clock(user: User) -> None:
+    job = claimed(user)
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT now()")
+        db_now = cursor.fetchone()[0]
+
+    assert abs((job.heartbeat_at - db_now).total_seconds()) < 5
+    assert job.started_at == job.heartbeat_at  # one statement, one clock reading
+
+
+@pytest.mark.parametrize(
+    ("retryable", "attempts", "max_attempts", "expected"),
+    [
+        (True, 1, 3, Job.Status.RETRYING),
+        (True, 3, 3, Job.Status.FAILED),
+        (False, 1, 3, Job.Status.FAILED),
+    ],
+)
+def test_one_function_decides_what_follows_a_failed_attempt(
+    user: User, retryable: bool, attempts: int, max_attempts: int, expected: str
+) -> None:
+    job = claimed(user, attempts=attempts - 1, max_attempts=max_attempts)
+
+    assert lifecycle.end_attempt(job, "E", "boom", retryable=retryable) == expected
+
+    stored = Job.objects.get(pk=job.pk)
+    assert stored.status == expected
+    assert stored.dead_lettered is (expected == Job.Status.FAILED)
+    assert stored.lease is None
+
+
+def test_a_timed_out_attempt_is_timed_out_whatever_attempts_are_left(user: User) -> None:
+    job = claimed(user, max_attempts=5)
+
+    assert lifecycle.end_attempt(job, "RetryableError", "conn reset", retryable=True, timed_out=True) == "timed_out"
+    assert Job.objects.get(pk=job.pk).error == {"type": "TimeoutError", "message": "timed out after 60s"}
+
+
+def test_a_hand_back_does_not_count_as_an_attempt_a_bounded_number_of_times(user: User, settings: object) -> None:
+    settings.JOBS_MAX_HANDBACKS = 2
+    job = new_job(user)
+    for handed in (1, 2):
+        running = lifecycle.claim(job.pk, task_id="t", worker="w", process="h:1")
+        assert lifecycle.hand_back(running, "worker shutting down") == Job.Status.QUEUED
+        stored = Job.objects.get(pk=job.pk)
+        assert (stored.status, stored.attempts, stored.handbacks) == (Job.Status.QUEUED, 0, handed)
+
+    running = lifecycle.claim(job.pk, task_id="t", worker="w", process="h:1")
+    assert lifecycle.hand_back(running, "worker shutting down") == Job.Status.QUEUED
+    assert Job.objects.get(pk=job.pk).attempts == 1  # the third hand-back counted
+
+
+def test_what_the_database_cannot_hold_is_cleaned_before_it_is_written(user: User) -> None:
+    job = claimed(user)
+
+    assert lifecycle.succeed(job, {"text": "a\x00b\ud800", "score": float("nan"), "ok": [1.5, float("inf")]})
+
+    assert Job.objects.get(pk=job.pk).result == {"text": "a\ufffdb\ufffd", "score": None, "ok": [1.5, None]}

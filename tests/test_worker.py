@@ -31,10 +31,12 @@ def event_types(job_id: str) -> list[str]:
     return list(Job.objects.get(pk=job_id).events.values_list("type", flat=True))
 
 
-def wait_running(job_id: str, runner_other_than: str = "") -> Job:
+def wait_running(job_id: str, process_other_than: str = "") -> Job:
     return wait_for(
         lambda: (
-            (job := Job.objects.get(pk=job_id)).status == Job.Status.RUNNING and job.runner != runner_other_than and job
+            (job := Job.objects.get(pk=job_id)).status == Job.Status.RUNNING
+            and job.process != process_other_than
+            and job
         ),
         what=f"job {job_id} to start",
     )
@@ -204,10 +206,10 @@ def test_a_worker_killed_mid_job_leaves_a_job_that_runs_again_and_finishes_once(
 def test_a_job_that_kills_its_worker_process_every_time_is_dead_lettered(worker: WorkerProcess, api: APIClient) -> None:
     job_id = submit(api, payload={"sleep_ms": 30_000}, max_attempts=2)
 
-    runner = ""
+    process = ""
     for _ in range(2):
-        runner = wait_running(job_id, runner_other_than=runner).runner
-        os.kill(int(runner.rpartition(":")[2]), signal.SIGKILL)
+        process = wait_running(job_id, process_other_than=process).process
+        os.kill(int(process.partition("@")[0].rpartition(":")[2]), signal.SIGKILL)
     job = wait_final(job_id)
 
     assert job.status == Job.Status.FAILED

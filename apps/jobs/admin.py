@@ -93,7 +93,10 @@ class JobAdmin(admin.ModelAdmin):
                     "idempotency_key",
                     "callback_url",
                     "parent",
-                    "runner",
+                    "process",
+                    "lease",
+                    "handbacks",
+                    "queue",
                     "redispatched_at",
                 ]
             },

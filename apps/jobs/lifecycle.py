@@ -1,225 +1,39 @@
-"""The only code that changes a job's status.
+"""The only code that changes a job's status, and the owner of what follows each change.
 
-Every transition is a conditional UPDATE on the row's current status (and, for a running job, on
-the process that runs it), so two actors racing on one job cannot both win; the winner writes the
-transition into the job's timeline in the same transaction. Functions return whether they won.
+Every transition is a conditional UPDATE on the row's current status (and, for a running job, on the
+lease of the attempt that runs it: a process that lost its job writes nothing), so two actors racing
+on one job cannot both win; the winner writes the transition into the job's timeline in the same
+statement. What a transition sets off once committed (publishing the job again, its callback, the
+live status event) is done here, never by the caller. Functions return whether they won (or the
+status they moved the job to).
+
+How an attempt ends is decided in one place, `end_attempt`: past the job's deadline it is
+`timed_out`; a passing failure with attempts left is `retrying` after a backoff; anything else is
+`failed` and dead-lettered. A worker that goes away on purpose hands its running jobs back
+(`hand_back`) without counting the attempt, a bounded number of times; a lost worker's attempt counts
+(`recover_lost`).
 """
 
+import copy
 import math
+import random
+import uuid
 from collections.abc import Iterable
-from datetime import timedelta
-from functools import cache
+from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
-from django.db import DEFAULT_DB_ALIAS, connection, connections, transaction
-from django.db.models import F, Field
+from django.conf import settings
+from django.db import transaction
 from django.utils import timezone
 
-from apps.jobs import live
-from apps.jobs.dispatch import publish_callback_on_commit
+from apps.jobs import live, sql
+from apps.jobs.dispatch import publish_callback_on_commit, publish_on_commit, publish_safely
+from apps.jobs.kinds import get_kind
 from apps.jobs.models import ACTIVE_STATUSES, Job, JobEvent, Status
-from apps.jobs.rows import copy_insert, from_row, insert_parts, returning
 
 RETRYABLE_FINAL = (Status.FAILED, Status.TIMED_OUT, Status.CANCELLED)
-CLEARED_ATTEMPT = {"runner": "", "heartbeat_at": None}
-
-
-def add_event(job_id: UUID, type: str, status: str, message: str = "", data: dict | None = None) -> JobEvent:
-    return JobEvent.objects.create(
-        job_id=job_id,
-        at=timezone.now(),
-        type=type,
-        status=status,
-        message=message,
-        data=data,
-    )
-
-
-JOB_TABLE = Job._meta.db_table
-
-
-def _update_sql(
-    job_id: UUID,
-    from_statuses: Iterable[str],
-    fields: dict[str, Any],
-    where: dict[str, Any],
-    *,
-    extra_set: str = "",
-    extra_where: tuple[str, list] | None = None,
-) -> tuple[str, list]:
-    """`UPDATE job SET <fields> WHERE id = job_id AND status IN from_statuses AND <where equalities>`.
-
-    Written out rather than compiled by the ORM for each call: compiling cost more CPU than the
-    statement itself on the hot path. The text is built once per shape of call; values are prepared
-    by their model fields, as the ORM would.
-    """
-    sql, set_fields, where_fields = _update_template(
-        tuple(fields), tuple(where), tuple(map(str, from_statuses)), extra_set, extra_where[0] if extra_where else ""
-    )
-    db = connections[DEFAULT_DB_ALIAS]  # the wrapper itself: `connection` is a proxy, per attribute
-    params = [field.get_db_prep_save(value, db) for field, value in zip(set_fields, fields.values(), strict=True)]
-    params.append(job_id)
-    params += [field.get_db_prep_value(value, db) for field, value in zip(where_fields, where.values(), strict=True)]
-    if extra_where:
-        params += extra_where[1]
-    return sql, params
-
-
-@cache
-def _update_template(
-    set_names: tuple[str, ...],
-    where_names: tuple[str, ...],
-    from_statuses: tuple[str, ...],
-    extra_set: str,
-    extra_where: str,
-) -> tuple[str, tuple[Field, ...], tuple[Field, ...]]:
-    """The text of `_update_sql`'s statement, and the fields whose values fill its placeholders."""
-    set_fields = tuple(Job._meta.get_field(name) for name in set_names)
-    where_fields = tuple(Job._meta.get_field(name) for name in where_names)
-    if not set(from_statuses) <= set(Status.values):
-        raise ValueError(f"unknown status in {from_statuses}")
-    statuses = ", ".join(f"'{status}'" for status in from_statuses)  # known constants, written inline
-    sets = [extra_set] if extra_set else []
-    sets += [f'"{field.column}" = %s' for field in set_fields]
-    conditions = ['"id" = %s', f'"status" IN ({statuses})', *(f'"{field.column}" = %s' for field in where_fields)]
-    if extra_where:
-        conditions.append(extra_where)
-    sql = f'UPDATE "{JOB_TABLE}" SET {", ".join(sets)} WHERE {" AND ".join(conditions)}'  # noqa: S608
-    return sql, set_fields, where_fields
-
-
-# On PostgreSQL a transition is one statement: `WITH moved AS (UPDATE ... RETURNING ...)` followed by
-# this INSERT of the timeline entry, selected from `moved` (so it exists only if the update won).
-INSERT_EVENT = f"INSERT INTO {JobEvent._meta.db_table} (job_id, at, type, status, message, data) "
-
-
-def _announce(job_id: UUID, status: str, message: str = "") -> None:
-    """Tell live subscribers (SSE streams) once the transition is committed."""
-    transaction.on_commit(lambda: live.publish(job_id, {"type": "status", "status": status, "message": message}))
-
-
-def _transition(
-    job_id: UUID,
-    from_statuses: Iterable[str],
-    to: str,
-    *,
-    event: str,
-    message: str = "",
-    data: dict | None = None,
-    only_if: dict | None = None,
-    **fields: Any,
-) -> bool:
-    from_statuses = list(from_statuses)
-    if connection.vendor == "postgresql":
-        # One statement (update and timeline entry) instead of four round trips: this is the hot path.
-        update, update_params = _update_sql(job_id, from_statuses, {"status": to, **fields}, only_if or {})
-        at = JobEvent._meta.get_field("at").get_db_prep_value(timezone.now(), connection)
-        data_param = JobEvent._meta.get_field("data").get_db_prep_value(data, connection)
-        sql = (
-            f"WITH moved AS ({update} RETURNING id) {INSERT_EVENT}"  # noqa: S608 (built from model metadata)
-            "SELECT id, %s, %s, %s, %s, %s FROM moved"
-        )
-        with connection.cursor() as cursor:
-            cursor.execute(sql, [*update_params, at, event, to, message, data_param])
-            won = cursor.rowcount == 1
-    else:
-        queryset = Job.objects.filter(pk=job_id, status__in=from_statuses, **(only_if or {}))
-        with transaction.atomic():
-            won = queryset.update(status=to, **fields) == 1
-            if won:
-                add_event(job_id, event, to, message, data)
-    if won:
-        _announce(job_id, to, message)
-    return won
-
-
-def create_jobs(jobs: list[Job]) -> list[Job]:
-    """Insert new jobs (queued, or scheduled when `run_at` is in the future) with their first event.
-
-    On PostgreSQL one job is one statement (its event inserted from the job's RETURNING), atomic by
-    itself, so outside a transaction it costs one round trip instead of BEGIN, two INSERTs and
-    COMMIT; a batch is two COPYs.
-    """
-    if not jobs:
-        return jobs
-    now = timezone.now()
-    for job in jobs:
-        job.created_at = job.created_at or now
-        if job.run_at and job.run_at > now:
-            job.status = Status.SCHEDULED
-        else:
-            job.status, job.queued_at = Status.QUEUED, now
-    if connection.vendor == "postgresql" and len(jobs) == 1:
-        # The timeline entry is selected from the job's RETURNING, as in the transitions.
-        insert_job, job_values, job_params = insert_parts(Job, jobs[0])
-        at = JobEvent._meta.get_field("at").get_db_prep_value(now, connection)
-        sql = (
-            f"WITH job AS ({insert_job} VALUES ({job_values}) RETURNING id) "  # noqa: S608 (model metadata)
-            f"{INSERT_EVENT}SELECT id, %s, %s, %s, '', NULL FROM job"
-        )
-        with connection.cursor() as cursor:
-            cursor.execute(sql, [*job_params, at, jobs[0].status, jobs[0].status])
-        jobs[0]._state.adding, jobs[0]._state.db = False, connection.alias
-        return jobs
-    events = [JobEvent(job_id=job.id, at=now, type=job.status, status=job.status) for job in jobs]
-    if connection.vendor == "postgresql":
-        with transaction.atomic(savepoint=False):
-            copy_insert(Job, jobs)
-            copy_insert(JobEvent, events)
-    else:
-        with transaction.atomic():
-            Job.objects.bulk_create(jobs)
-            JobEvent.objects.bulk_create(events)
-    return jobs
-
-
-def claim(job_id: UUID, *, task_id: str, worker: str, runner: str) -> Job | None:
-    """Take a queued (or due retrying) job for this process; None if another claim won or it is not due."""
-    now = timezone.now()
-    fields = {
-        "status": Status.RUNNING,
-        "started_at": now,
-        "finished_at": None,
-        "heartbeat_at": now,
-        "worker": worker,
-        "runner": runner,
-        "task_id": task_id,
-        "progress": 0,
-        "progress_message": "",
-    }
-    if connection.vendor == "postgresql":
-        # One statement: the claim, and its timeline entry naming the new attempt number.
-        update, update_params = _update_sql(
-            job_id,
-            [Status.QUEUED, Status.RETRYING],
-            fields,
-            {},
-            extra_set='"attempts" = "attempts" + 1',
-            extra_where=('("run_at" IS NULL OR "run_at" <= %s)', [now]),  # only when due
-        )
-        at = JobEvent._meta.get_field("at").get_db_prep_value(now, connection)
-        sql = (
-            f"WITH moved AS ({update} RETURNING *), event AS ({INSERT_EVENT}"  # noqa: S608 (built from model metadata)
-            "SELECT id, %s, %s, %s, 'attempt ' || attempts || ' on ' || worker, "
-            f"jsonb_build_object('attempt', attempts) FROM moved) SELECT {returning(Job)} FROM moved"
-        )
-        with connection.cursor() as cursor:
-            cursor.execute(sql, [*update_params, at, "running", Status.RUNNING])
-            row = cursor.fetchone()
-        job = row and from_row(Job, row)
-    else:
-        queryset = Job.objects.filter(pk=job_id, status__in=[Status.QUEUED, Status.RETRYING]).exclude(run_at__gt=now)
-        with transaction.atomic():
-            if queryset.update(attempts=F("attempts") + 1, **fields) != 1:
-                return None
-            job = Job.objects.get(pk=job_id)
-            add_event(
-                job_id, "running", Status.RUNNING, f"attempt {job.attempts} on {worker}", {"attempt": job.attempts}
-            )
-    if job is not None:
-        _announce(job_id, Status.RUNNING, f"attempt {job.attempts} on {worker}")
-    return job
+CLEARED_ATTEMPT = {"process": "", "lease": None, "heartbeat_at": None}
 
 
 def storable(value: Any) -> Any:
@@ -242,16 +56,100 @@ def storable(value: Any) -> Any:
     return value
 
 
+def backoff(attempt: int, retry_after: float | None = None) -> float:
+    """Exponential backoff with full jitter; a server's Retry-After wins when it gave one, within
+    JOBS_RETRY_MAX_SECONDS (a server cannot park a job for a day)."""
+    if retry_after is not None:
+        return min(max(0.0, retry_after), settings.JOBS_RETRY_MAX_SECONDS)
+    ceiling = min(settings.JOBS_RETRY_MAX_SECONDS, settings.JOBS_RETRY_BASE_SECONDS * 2 ** (attempt - 1))
+    return random.uniform(0, ceiling)
+
+
+def _announce(job_id: UUID, status: str, message: str = "") -> None:
+    """Tell live subscribers (SSE streams) once the transition is committed."""
+    transaction.on_commit(lambda: live.publish(job_id, {"type": "status", "status": status, "message": message}))
+
+
+def _transition(
+    job: Job,
+    from_statuses: Iterable[str],
+    to: str,
+    *,
+    event: str,
+    message: str = "",
+    data: dict | None = None,
+    fenced: bool = False,
+    extra_set: str = "",
+    **fields: Any,
+) -> bool:
+    """Move `job`; a `fenced` move applies only while the job runs under the attempt's lease. The
+    in-memory job takes the new values when it wins."""
+    only_if = {"lease": job.lease} if fenced else {}
+    won = sql.transition(
+        job.pk,
+        list(from_statuses),
+        to,
+        event=event,
+        message=message,
+        data=data,
+        fields=fields,
+        only_if=only_if,
+        extra_set=extra_set,
+    )
+    if won:
+        job.status = to
+        for name, value in fields.items():
+            setattr(job, name, value)
+        _announce(job.pk, to, message)
+    return won
+
+
+def create_jobs(jobs: list[Job]) -> list[Job]:
+    """Insert new jobs (queued, or scheduled when `run_at` is in the future) with their first event,
+    and publish the queued ones once committed."""
+    if not jobs:
+        return jobs
+    now = timezone.now()
+    for job in jobs:
+        job.created_at = job.created_at or now
+        job.queue = get_kind(job.kind).queue
+        if job.run_at and job.run_at > now:
+            job.status = Status.SCHEDULED
+        else:
+            job.status, job.queued_at = Status.QUEUED, now
+    sql.insert_jobs(jobs, [JobEvent(job_id=job.id, at=now, type=job.status, status=job.status) for job in jobs])
+    publish_on_commit(jobs)
+    return jobs
+
+
+def claim(job_id: UUID | str, *, task_id: str, worker: str, process: str) -> Job | None:
+    """Take a queued (or due retrying) job for this process under a new lease; None if another claim
+    won or it is not due."""
+    fields = {
+        "status": Status.RUNNING,
+        "finished_at": None,
+        "worker": worker,
+        "process": process,
+        "lease": uuid.uuid4(),
+        "task_id": task_id,
+        "progress": 0,
+        "progress_message": "",
+    }
+    job = sql.claim(job_id, fields, event="running")
+    if job is not None:
+        _announce(job.pk, Status.RUNNING, f"attempt {job.attempts} on {worker}")
+    return job
+
+
 def succeed(job: Job, result: Any, progress_message: str | None = None) -> bool:
-    result = storable(result)
     extra = {} if progress_message is None else {"progress_message": storable(progress_message[:200])}
     won = _transition(
-        job.pk,
+        job,
         [Status.RUNNING],
         Status.SUCCEEDED,
         event="succeeded",
-        only_if={"runner": job.runner},
-        result=result,
+        fenced=True,
+        result=storable(result),
         error=None,
         progress=100,
         finished_at=timezone.now(),
@@ -263,17 +161,17 @@ def succeed(job: Job, result: Any, progress_message: str | None = None) -> bool:
     return won
 
 
-def fail(job: Job, error_type: str, message: str, *, status: str = Status.FAILED) -> bool:
+def _fail(job: Job, error_type: str, message: str, status: str, *, fenced: bool = True) -> bool:
     """End a running job as failed or timed out; it goes to the dead-letter queue for replay."""
     message = storable(message)
     won = _transition(
-        job.pk,
+        job,
         [Status.RUNNING],
         status,
         event=status,
         message=message,
         data={"dead_lettered": True, "attempt": job.attempts},
-        only_if={"runner": job.runner},
+        fenced=fenced,
         error={"type": error_type, "message": message},
         dead_lettered=True,
         finished_at=timezone.now(),
@@ -284,62 +182,107 @@ def fail(job: Job, error_type: str, message: str, *, status: str = Status.FAILED
     return won
 
 
-def schedule_retry(job: Job, error_type: str, message: str, delay: float) -> bool:
+def end_attempt(
+    job: Job,
+    error_type: str,
+    message: str,
+    *,
+    retryable: bool,
+    retry_after: float | None = None,
+    timed_out: bool = False,
+) -> str | None:
+    """What follows an attempt that did not succeed, decided here and nowhere else. Returns the status
+    the job moved to, or None if the attempt was no longer the job's (cancelled, taken over)."""
+    if timed_out:
+        won = _fail(job, "TimeoutError", f"timed out after {job.timeout_seconds}s", Status.TIMED_OUT)
+        return Status.TIMED_OUT if won else None
     message = storable(message)
-    return _transition(
-        job.pk,
-        [Status.RUNNING],
-        Status.RETRYING,
-        event="retrying",
-        message=f"{message} (attempt {job.attempts} of {job.max_attempts}; next in {delay:.1f}s)",
-        data={"attempt": job.attempts, "delay_s": round(delay, 3)},
-        only_if={"runner": job.runner},
-        error={"type": error_type, "message": message},
-        run_at=timezone.now() + timedelta(seconds=delay),
-        **CLEARED_ATTEMPT,
-    )
+    if retryable and job.attempts < job.max_attempts:
+        delay = backoff(job.attempts, retry_after)
+        won = _transition(
+            job,
+            [Status.RUNNING],
+            Status.RETRYING,
+            event="retrying",
+            message=f"{message} (attempt {job.attempts} of {job.max_attempts}; next in {delay:.1f}s)",
+            data={"attempt": job.attempts, "delay_s": round(delay, 3)},
+            fenced=True,
+            error={"type": error_type, "message": message},
+            run_at=timezone.now() + timedelta(seconds=delay),
+            **CLEARED_ATTEMPT,
+        )
+        if won:
+            transaction.on_commit(lambda: publish_safely([job], countdown=delay))
+        return Status.RETRYING if won else None
+    if retryable:
+        message = f"{message} (gave up after {job.attempts} attempts)"
+    return Status.FAILED if _fail(job, error_type, message, Status.FAILED) else None
 
 
-def requeue_interrupted(job: Job, reason: str) -> bool:
-    """Put back a running job whose attempt was cut short by something other than the job itself."""
-    return _transition(
-        job.pk,
-        [Status.RUNNING],
-        Status.QUEUED,
-        event="requeued",
-        message=reason,
-        only_if={"runner": job.runner},
-        queued_at=timezone.now(),
-        redispatched_at=None,
-        **CLEARED_ATTEMPT,
-    )
+def _requeue(job: Job, event: str, reason: str, *, counted: bool, publish: bool = True) -> bool:
+    """Put a running job back in its queue (published once committed, unless the caller claims it at
+    once). An attempt that does not count is taken off `attempts` and counted in `handbacks` instead."""
+    fields: dict[str, Any] = {"queued_at": timezone.now(), "redispatched_at": None, **CLEARED_ATTEMPT}
+    extra_set = "" if counted else '"attempts" = "attempts" - 1, "handbacks" = "handbacks" + 1'
+    won = _transition(job, [Status.RUNNING], Status.QUEUED, event=event, message=reason, fenced=True,
+                      extra_set=extra_set, **fields)  # fmt: skip
+    if won:
+        if not counted:
+            job.attempts, job.handbacks = job.attempts - 1, job.handbacks + 1
+        if publish:
+            publish_on_commit([job])
+    return won
+
+
+def hand_back(job: Job, reason: str) -> str | None:
+    """A worker going away on purpose (a deploy) hands a running job back: queued again at once, the
+    attempt not counted, at most JOBS_MAX_HANDBACKS times (after that a hand-back counts as an
+    attempt, so that no job is handed around for ever)."""
+    if job.handbacks < settings.JOBS_MAX_HANDBACKS:
+        won = _requeue(job, "handed_back", f"{reason}; handed back (not counted as an attempt)", counted=False)
+        return Status.QUEUED if won else None
+    return recover_lost(job, f"{reason}; handed back {job.handbacks} times already")
+
+
+def recover_lost(job: Job, reason: str, now: datetime | None = None, *, publish: bool = True) -> str | None:
+    """Settle a running attempt whose process is gone or stopped: timed out if past its deadline (on
+    the database's clock, `now`), dead-lettered if it was the last attempt, else queued again.
+
+    Returns the status it moved to, or None if the job had moved on meanwhile.
+    """
+    now = now or sql.db_now()
+    if job.started_at and job.started_at + timedelta(seconds=job.timeout_seconds) <= now:
+        message = f"timed out after {job.timeout_seconds}s ({reason})"
+        return Status.TIMED_OUT if _fail(job, "TimeoutError", message, Status.TIMED_OUT) else None
+    if job.attempts >= job.max_attempts:
+        message = f"{reason} on attempt {job.attempts} of {job.max_attempts}"
+        return Status.FAILED if _fail(job, "WorkerLost", message, Status.FAILED) else None
+    return Status.QUEUED if _requeue(job, "requeued", reason, counted=True, publish=publish) else None
 
 
 def cancel(job_id: UUID) -> tuple[bool, Job]:
     """Cancel an unfinished job. Returns (won, job as it was before)."""
     job = Job.objects.get(pk=job_id)
-    won = _transition(
-        job_id,
-        ACTIVE_STATUSES,
-        Status.CANCELLED,
-        event="cancelled",
-        finished_at=timezone.now(),
-        **CLEARED_ATTEMPT,
-    )
+    before = copy.copy(job)
+    won = _transition(job, ACTIVE_STATUSES, Status.CANCELLED, event="cancelled", finished_at=timezone.now(),
+                      **CLEARED_ATTEMPT)  # fmt: skip
     if won:
         publish_callback_on_commit(job)
-    return won, job
+    return won, before
 
 
-def retry(job_id: UUID) -> bool:
-    """Run a failed, timed-out or cancelled job again from its first attempt (replays a dead letter)."""
-    return _transition(
-        job_id,
+def replay(job_id: UUID) -> bool:
+    """A user's retry: run a failed, timed-out or cancelled job again from its first attempt (this
+    replays a dead letter), published once committed."""
+    job = Job.objects.get(pk=job_id)
+    won = _transition(
+        job,
         RETRYABLE_FINAL,
         Status.QUEUED,
         event="retried",
         message="re-queued by request",
         attempts=0,
+        handbacks=0,
         dead_lettered=False,
         result=None,
         error=None,
@@ -352,56 +295,39 @@ def retry(job_id: UUID) -> bool:
         redispatched_at=None,
         **CLEARED_ATTEMPT,
     )
+    if won:
+        publish_on_commit([job])
+    return won
 
 
-def promote(job_id: UUID) -> bool:
-    """A scheduled job whose time has come joins its queue."""
-    return _transition(
-        job_id,
-        [Status.SCHEDULED],
-        Status.QUEUED,
-        event="queued",
-        message="scheduled time reached",
-        queued_at=timezone.now(),
-    )
+def promote(job: Job) -> bool:
+    """A scheduled job whose time has come joins its queue (published once committed)."""
+    won = _transition(job, [Status.SCHEDULED], Status.QUEUED, event="queued", message="scheduled time reached",
+                      queued_at=timezone.now())  # fmt: skip
+    if won:
+        publish_on_commit([job])
+    return won
 
 
-def recover_lost(job: Job, reason: str) -> str | None:
-    """Settle a running job whose process is gone: time it out, dead-letter it, or queue it again.
-
-    Returns the status it moved to, or None if the job had moved on meanwhile.
-    """
+def redispatch(jobs: list[Job]) -> None:
+    """Publish again jobs whose message was lost (their claim decides, should the old one turn up)."""
+    if not jobs:
+        return
     now = timezone.now()
-    if job.started_at and job.started_at + timedelta(seconds=job.timeout_seconds) <= now:
-        status, message = (
-            Status.TIMED_OUT,
-            f"timed out after {job.timeout_seconds}s ({reason})",
-        )
-    elif job.attempts >= job.max_attempts:
-        status, message = (
-            Status.FAILED,
-            f"{reason} on attempt {job.attempts} of {job.max_attempts}",
-        )
-    else:
-        won = requeue_interrupted(job, reason)
-        return Status.QUEUED if won else None
-    error_type = "TimeoutError" if status == Status.TIMED_OUT else "WorkerLost"
-    return status if fail(job, error_type, message, status=status) else None
+    Job.objects.filter(pk__in=[job.pk for job in jobs]).update(redispatched_at=now)
+    for job in jobs:
+        job.redispatched_at = now
+    transaction.on_commit(lambda: publish_safely(jobs))
 
 
 def heartbeat(job: Job) -> bool:
-    """Renew the lease of a running job; False once the job is no longer this process's (e.g. cancelled)."""
-    return (
-        Job.objects.filter(pk=job.pk, status=Status.RUNNING, runner=job.runner).update(heartbeat_at=timezone.now()) == 1
-    )
+    """Renew the lease of a running attempt; False once it is no longer this attempt's (cancelled,
+    taken over)."""
+    return sql.heartbeat(job.pk, job.lease)
 
 
 def set_progress(job: Job, percent: int, message: str) -> None:
-    if Job.objects.filter(pk=job.pk, status=Status.RUNNING, runner=job.runner).update(
-        progress=percent, progress_message=message[:200]
+    if Job.objects.filter(pk=job.pk, status=Status.RUNNING, lease=job.lease).update(
+        progress=percent, progress_message=storable(message[:200])
     ):
         live.publish(job.pk, {"type": "progress", "progress": percent, "message": message[:200]})
-
-
-def mark_redispatched(job_ids: list[UUID]) -> None:
-    Job.objects.filter(pk__in=job_ids).update(redispatched_at=timezone.now())

@@ -67,6 +67,25 @@ def publish_text(job_id: UUID | str, attempt: int, offset: int, delta: str) -> N
     _publisher().send(*commands)
 
 
+# The reconciler's view of each queue: per priority, the latest publish time of a job a worker has
+# claimed. Kept as a maximum (claims of one queue come from several processes, slightly out of order).
+CLAIMED_KEY = "conveyor:claimed:{queue}"
+_KEEP_MAX = (
+    "local v = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0') "
+    "if tonumber(ARGV[2]) > v then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end"
+)
+
+
+def record_claimed(queue: str, priority: str, published_at: float) -> None:
+    _publisher().send(("EVAL", _KEEP_MAX, 1, CLAIMED_KEY.format(queue=queue), priority, repr(published_at)))
+
+
+def claimed_up_to(queue: str) -> dict[str, float]:
+    """Per priority, the latest publish time of a job of `queue` that a worker claimed."""
+    values = client().hgetall(CLAIMED_KEY.format(queue=queue))
+    return {key.decode(): float(value) for key, value in values.items()}
+
+
 def text_so_far(job_id: UUID | str, attempt: int) -> str:
     return (client().get(text_key(job_id, attempt)) or b"").decode("utf-8", "replace")
 

@@ -4,23 +4,20 @@ from django.conf import settings
 from django.db import models
 from django.db.models import Q
 
+from apps.jobs.querysets import JobQuerySet
+from apps.jobs.statuses import ACTIVE_STATUSES, FINAL_STATUSES, Priority, Status
 
-class Status(models.TextChoices):
-    SCHEDULED = "scheduled"
-    QUEUED = "queued"
-    RUNNING = "running"
-    RETRYING = "retrying"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    TIMED_OUT = "timed_out"
-    CANCELLED = "cancelled"
-
-
-class Priority(models.TextChoices):
-    LOW = "low"
-    NORMAL = "normal"
-    HIGH = "high"
-    CRITICAL = "critical"
+__all__ = [
+    "ACTIVE_STATUSES",
+    "FINAL_STATUSES",
+    "Artifact",
+    "Job",
+    "JobEvent",
+    "LogChunk",
+    "Priority",
+    "Status",
+    "Upload",
+]
 
 
 class Job(models.Model):
@@ -80,11 +77,24 @@ class Job(models.Model):
     finished_at = models.DateTimeField(null=True, blank=True)
     worker = models.CharField(max_length=200, blank=True)
 
-    # Bookkeeping of the current attempt, not part of the API.
+    # The queue its kind is served on (see the kind catalogue), kept on the row for the reconciler's
+    # and the stats' reads by queue.
+    queue = models.CharField(max_length=16, default="default")
+
+    # Bookkeeping of the current attempt, not part of the API. `worker` (above) is the Celery worker's
+    # name; `process` the operating-system process in it that runs the attempt; `lease` the attempt's
+    # fence: every write of the attempt names it, so a process that lost the job writes nothing.
     task_id = models.CharField(max_length=64, blank=True)
-    runner = models.CharField(max_length=200, blank=True, help_text="host:pid of the process running the job")
-    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    process = models.CharField(
+        max_length=200, blank=True, help_text="host:pid@boot:pid-namespace of the process running the attempt"
+    )
+    lease = models.UUIDField(null=True, blank=True, editable=False)
+    heartbeat_at = models.DateTimeField(null=True, blank=True, help_text="the database's clock")
     redispatched_at = models.DateTimeField(null=True, blank=True)
+    # Attempts handed back by a worker shutting down (a deploy), which did not count as attempts.
+    handbacks = models.PositiveSmallIntegerField(default=0)
+
+    objects = JobQuerySet.as_manager()
 
     class Meta:
         ordering = ["-created_at"]
@@ -97,9 +107,9 @@ class Job(models.Model):
             models.Index(fields=["status", "-created_at"], name="job_status_created"),
             models.Index(fields=["parent"], name="job_parent", condition=Q(parent__isnull=False)),
             # The reconciler only looks at unfinished jobs; this index stays small however many
-            # finished jobs pile up.
+            # finished jobs pile up. Queued jobs are read by queue and priority in publish order.
             models.Index(
-                fields=["status", "queued_at"],
+                fields=["status", "queue", "priority", "queued_at"],
                 name="job_active",
                 condition=Q(
                     status__in=[
@@ -110,6 +120,7 @@ class Job(models.Model):
                     ]
                 ),
             ),
+            models.Index(fields=["run_at"], name="job_scheduled", condition=Q(status=Status.SCHEDULED)),
             models.Index(
                 fields=["owner", "dedupe_key", "-created_at"],
                 name="job_dedupe",
@@ -135,20 +146,6 @@ class Job(models.Model):
     @property
     def is_final(self) -> bool:
         return self.status in FINAL_STATUSES
-
-
-FINAL_STATUSES = (
-    Job.Status.SUCCEEDED,
-    Job.Status.FAILED,
-    Job.Status.TIMED_OUT,
-    Job.Status.CANCELLED,
-)
-ACTIVE_STATUSES = (
-    Job.Status.SCHEDULED,
-    Job.Status.QUEUED,
-    Job.Status.RUNNING,
-    Job.Status.RETRYING,
-)
 
 
 class JobEvent(models.Model):

@@ -1,6 +1,8 @@
-"""Writes: submitting, cancelling and retrying jobs. Views, the admin and tasks call these."""
+"""Writes: submitting, cancelling and replaying jobs, and keeping uploads. Views, the admin and the
+management commands call these; what follows each change (publishing, callbacks) is the lifecycle's."""
 
 import hashlib
+import logging
 from contextlib import nullcontext
 from datetime import timedelta
 from typing import Any
@@ -14,9 +16,10 @@ from django.db.models import Q
 from django.utils import timezone
 
 from apps.jobs import archives, lifecycle
-from apps.jobs.dispatch import publish_on_commit
 from apps.jobs.kinds import get_kind
 from apps.jobs.models import ACTIVE_STATUSES, Job, Status, Upload
+
+log = logging.getLogger(__name__)
 
 
 class JobConflict(Exception):
@@ -30,6 +33,7 @@ def build_job(owner: AbstractBaseUser, spec: dict[str, Any]) -> Job:
         owner=owner,
         dedupe_key=(kind.dedupe_key and kind.dedupe_key(owner.pk, spec["payload"])) or "",
         kind=kind.name,
+        queue=kind.queue,
         priority=spec.get("priority") or Job.Priority.NORMAL,
         payload=spec["payload"],
         max_attempts=spec.get("max_attempts") or kind.max_attempts,
@@ -57,7 +61,6 @@ def submit_job(owner: AbstractBaseUser, spec: dict[str, Any]) -> tuple[Job, bool
             if job.dedupe_key and (duplicate := find_duplicate(owner, job.dedupe_key)):
                 return duplicate, False
             lifecycle.create_jobs([job])
-            publish_on_commit([job])
     except IntegrityError:
         # Two requests raced with the same key; the other one created it.
         if key and (existing := Job.objects.filter(owner=owner, idempotency_key=key).first()):
@@ -113,7 +116,6 @@ def submit_batch(owner: AbstractBaseUser, specs: list[dict[str, Any]]) -> list[J
             jobs.append(job)
             new.append(job)
         lifecycle.create_jobs(new)
-        publish_on_commit(new)
     return jobs
 
 
@@ -123,20 +125,22 @@ def cancel_job(job: Job) -> Job:
     if not won:
         raise JobConflict(f"a {before.status} job cannot be cancelled")
     if before.status == Status.RUNNING and before.task_id:
-        # The running process also notices at its next heartbeat, should this broadcast be lost.
-        current_app.control.revoke(before.task_id, terminate=True, signal="SIGTERM")
+        # The running process also notices at its next heartbeat, should this broadcast be lost (or
+        # the broker be down: the cancel is committed either way).
+        try:
+            current_app.control.revoke(before.task_id, terminate=True, signal="SIGTERM")
+        except Exception:
+            log.warning("could not broadcast the cancel of job %s; its heartbeat will stop it", job.pk, exc_info=True)
     job.refresh_from_db()
     return job
 
 
 def retry_job(job: Job) -> Job:
     """Queue a failed, timed-out or cancelled job again (this replays a dead-lettered job)."""
-    with transaction.atomic():
-        if not lifecycle.retry(job.pk):
-            job.refresh_from_db()
-            raise JobConflict(f"a {job.status} job cannot be retried")
+    if not lifecycle.replay(job.pk):
         job.refresh_from_db()
-        publish_on_commit([job])
+        raise JobConflict(f"a {job.status} job cannot be retried")
+    job.refresh_from_db()
     return job
 
 

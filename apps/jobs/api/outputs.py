@@ -24,14 +24,13 @@ from apps.jobs.api.parsers import refuse_declared_over
 from apps.jobs.api.throttles import ReadThrottle, SubmitThrottle
 from apps.jobs.archives import ArchiveError
 from apps.jobs.models import Artifact, Job
-from apps.jobs.selectors import jobs_visible_to
 
 LOG_PAGE_BYTES = 256 * 1024
 KEEPALIVE_SECONDS = 15
 
 
 def _job(request: Request, pk: str) -> Job:
-    return get_object_or_404(jobs_visible_to(request.user), pk=pk)
+    return get_object_or_404(Job.objects.visible_to(request.user), pk=pk)
 
 
 @extend_schema(

@@ -8,7 +8,6 @@ from apps.jobs.api.errors import RequestTooLarge
 from apps.jobs.callbacks import host_allowed
 from apps.jobs.kinds import KINDS
 from apps.jobs.models import Job, JobEvent, Priority
-from apps.jobs.selectors import jobs_visible_to
 
 
 class JobSubmitSerializer(serializers.Serializer):
@@ -39,7 +38,7 @@ class JobSubmitSerializer(serializers.Serializer):
     def validate_parent(self, value: Any) -> Job | None:
         if value is None:
             return None
-        parent = jobs_visible_to(self.context["request"].user).filter(pk=value).first()
+        parent = Job.objects.visible_to(self.context["request"].user).filter(pk=value).first()
         if parent is None:
             raise serializers.ValidationError("No such job.")
         return parent

@@ -16,7 +16,6 @@ from apps.jobs.api.serializers import (
 )
 from apps.jobs.api.throttles import ReadThrottle, SubmitThrottle
 from apps.jobs.models import Job
-from apps.jobs.selectors import jobs_visible_to
 
 IDEMPOTENCY_HEADER = OpenApiParameter(
     "Idempotency-Key",
@@ -56,7 +55,7 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
     def get_queryset(self) -> QuerySet[Job]:
         if getattr(self, "swagger_fake_view", False):  # schema generation: no user
             return Job.objects.none()
-        return jobs_visible_to(self.request.user).select_related("owner")
+        return Job.objects.visible_to(self.request.user).select_related("owner")
 
     def get_throttles(self) -> list[BaseThrottle]:
         return [SubmitThrottle() if self.action in ("create", "batch") else ReadThrottle()]

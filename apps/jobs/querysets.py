@@ -1,0 +1,38 @@
+"""Reads of the job table as queryset methods: the API, the services, the reconciler and its index
+test use these same methods (Read the Docs' `builds/querysets.py`)."""
+
+from datetime import datetime
+
+from django.contrib.auth.models import AbstractBaseUser
+from django.db.models import Q, QuerySet
+
+from apps.jobs.statuses import Status
+
+
+class JobQuerySet(QuerySet):
+    def visible_to(self, user: AbstractBaseUser) -> "JobQuerySet":
+        """A user's own jobs; staff see all."""
+        return self if user.is_staff else self.filter(owner=user)
+
+    def due_scheduled(self, now: datetime) -> "JobQuerySet":
+        """Scheduled jobs whose time has come (the `job_scheduled` index)."""
+        return self.filter(status=Status.SCHEDULED, run_at__lte=now)
+
+    def silent_running(self, since: datetime) -> "JobQuerySet":
+        """Running jobs whose lease was not renewed since `since` (the database's clock)."""
+        return self.filter(status=Status.RUNNING, heartbeat_at__lt=since)
+
+    def stuck_retrying(self, before: datetime) -> "JobQuerySet":
+        """Retrying jobs long past their retry time whose (delayed) message never came, not
+        published again since `before`."""
+        return self.filter(status=Status.RETRYING, run_at__lt=before).filter(
+            Q(redispatched_at__isnull=True) | Q(redispatched_at__lt=before)
+        )
+
+    def unclaimed(self, queue: str) -> "JobQuerySet":
+        """Jobs waiting in `queue` (the `job_active` index: status, queue, priority, queued_at)."""
+        return self.filter(status=Status.QUEUED, queue=queue)
+
+    def published_before(self, cutoff: datetime) -> "JobQuerySet":
+        """Jobs whose latest message was published before `cutoff` (queued, or published again)."""
+        return self.filter(queued_at__lt=cutoff).filter(Q(redispatched_at__isnull=True) | Q(redispatched_at__lt=cutoff))

@@ -1,0 +1,53 @@
+"""Celery beat's scheduler, which also keeps the job table and the broker in step, in beat's own
+process: scheduled jobs are promoted within a fraction of a second of their `run_at`, and the
+reconciler runs every JOBS_RECONCILE_INTERVAL_SECONDS, however busy the workers are (a Celery task
+would wait for a free worker slot, behind the very jobs it is meant to look after).
+
+`CELERY_BEAT_SCHEDULER` names it, so `celery -A project beat` runs it. Two beats running by mistake
+are harmless to jobs: every transition is conditional, and a duplicate message finds its job claimed.
+"""
+
+import logging
+import time
+from typing import Any
+
+from celery.beat import PersistentScheduler
+from django.conf import settings
+from django.db import close_old_connections, connection
+
+from apps.jobs import reconciler
+
+log = logging.getLogger(__name__)
+
+PROMOTE_INTERVAL_SECONDS = 0.2  # how often due scheduled jobs are looked for (one indexed query)
+
+
+class JobsMixin:
+    """Runs the job platform's periodic work between beat's own ticks."""
+
+    _next_reconcile = 0.0
+
+    def tick(self, *args: Any, **kwargs: Any) -> float:
+        wait = super().tick(*args, **kwargs)
+        self.keep_jobs_in_step()
+        return min(wait, PROMOTE_INTERVAL_SECONDS)
+
+    def keep_jobs_in_step(self) -> None:
+        close_old_connections()  # honours CONN_MAX_AGE and drops a connection a restart broke
+        now = time.monotonic()
+        try:
+            if now >= self._next_reconcile:
+                self._next_reconcile = now + settings.JOBS_RECONCILE_INTERVAL_SECONDS
+                counts = reconciler.reconcile()
+                if any(counts.values()):
+                    log.info("reconciler: %s", counts)
+            else:
+                reconciler.promote_due()
+        except Exception:
+            # The database or the broker is away: try again at the next tick, on a new connection.
+            log.exception("keeping jobs in step failed; trying again")
+            connection.close()
+
+
+class Scheduler(JobsMixin, PersistentScheduler):
+    pass
