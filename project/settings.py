@@ -116,6 +116,10 @@ CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = False
 # workers it watches (its `enable_events`, on by default), so they flow only while someone looks.
 CELERY_WORKER_SEND_TASK_EVENTS = env.bool("CELERY_WORKER_SEND_TASK_EVENTS", default=False)
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+# On a cold shutdown (SIGQUIT, or SIGTERM with REMAP_SIGTERM=SIGQUIT in the environment, as a deploy
+# should send it), running jobs get this long to finish, then are handed back to their queue without
+# their attempt counting (see JOBS_MAX_HANDBACKS). 0: a cold shutdown hands them back at once.
+CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT = env.float("CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT", default=0.0)
 # Celery's Django fixup closes the database connection around every task unless this is set (a new
 # PostgreSQL connection per job, ~10x the cost of the job's own queries). With it, the connection is
 # kept; each job starts with Django's close_old_connections(), which honours CONN_MAX_AGE as a web

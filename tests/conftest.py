@@ -85,7 +85,11 @@ class WorkerProcess:
     def _answers(self) -> bool:
         if self.proc is None or self.proc.poll() is not None:
             raise AssertionError(f"worker exited; see {self.log_path}")
-        return bool(current_app.control.ping(timeout=0.3))
+        try:
+            with current_app.connection_for_write() as conn:  # a new connection: a pooled one may be dead
+                return bool(current_app.control.ping(timeout=0.3, connection=conn))
+        except Exception:  # the broker is away for a moment
+            return False
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -107,6 +111,48 @@ class WorkerProcess:
     def ensure_running(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
             self.start()
+
+
+class BeatProcess:
+    """`celery beat` (with the job reconciler in its process) against the test database."""
+
+    def __init__(self, env: dict[str, str], folder: Path) -> None:
+        self.env = env
+        self.folder = folder
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        log = open(self.folder / "beat.log", "ab")  # noqa: SIM115 (the child keeps it)
+        schedule = str(self.folder / "schedule")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "project", "beat", "-l", "INFO", "-s", schedule],
+            cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        wait_for(self._started, timeout=30, interval=0.1, what="beat to start")
+
+    def _started(self) -> bool:
+        if self.proc is None or self.proc.poll() is not None:
+            raise AssertionError(f"beat exited; see {self.folder / 'beat.log'}")
+        return "beat: Starting..." in (self.folder / "beat.log").read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.proc = None
+
+
+@pytest.fixture
+def beat(process_env: dict, tmp_path: Path, transactional_db: None) -> Iterator[BeatProcess]:
+    """Beat, reconciling every second (the test settings' grace is one second too)."""
+    process = BeatProcess({**process_env, "JOBS_RECONCILE_INTERVAL_SECONDS": "1"}, tmp_path)
+    process.start()
+    yield process
+    process.stop()
 
 
 @pytest.fixture(scope="session")
@@ -170,7 +216,7 @@ def process_env(
 
 
 @pytest.fixture(scope="session")
-def _worker_process(process_env: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
+def shared_worker(process_env: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
     redis.Redis.from_url(settings.CELERY_BROKER_URL).flushdb()
     worker = WorkerProcess(process_env, tmp_path_factory.mktemp("worker") / "worker.log")
     worker.start()
@@ -179,16 +225,16 @@ def _worker_process(process_env: dict, tmp_path_factory: pytest.TempPathFactory)
 
 
 @pytest.fixture
-def worker(_worker_process: WorkerProcess, transactional_db: None) -> WorkerProcess:
-    _worker_process.ensure_running()
-    return _worker_process
+def worker(shared_worker: WorkerProcess, transactional_db: None) -> WorkerProcess:
+    shared_worker.ensure_running()
+    return shared_worker
 
 
 @pytest.fixture
-def no_shared_worker(_worker_process: WorkerProcess, transactional_db: None) -> None:
+def no_shared_worker(shared_worker: WorkerProcess, transactional_db: None) -> None:
     """The shared worker stopped, for a test that starts a worker of its own (the next test's
     `worker` fixture starts it again)."""
-    _worker_process.stop()
+    shared_worker.stop()
 
 
 @pytest.fixture(autouse=True)

@@ -498,3 +498,51 @@ def test_write_files_writes_the_tree(tmp_path: Path) -> None:
 def test_write_files_refuses_a_file_where_a_folder_goes(tmp_path: Path) -> None:
     with pytest.raises(ArchiveError, match=r"'a/b\.py'"):
         write_files({"a": "x", "a/b.py": "y"}, tmp_path / "src")
+
+
+def test_a_member_inside_a_symlink_of_the_archive_is_refused(tmp_path: Path) -> None:
+    # A chain of links whose text stays inside the tree while what it resolves to does not (the way
+    # past tarfile's own "data" filter on Python < 3.11.13), then a file written through it.
+    chain: list[tarfile.TarInfo | tuple[str, str]] = [directory("d"), link("a", "d"), link("d/up", "..")]
+    chain += [link("escape", "a/up/a/up"), ("escape/pwned.txt", "written outside the tree")]
+    data = tar_of(chain)
+    dest = tmp_path / "deep" / "dest"
+
+    with pytest.raises(ArchiveError, match="inside a symbolic link of the archive"):
+        inspect(io.BytesIO(data))
+    with pytest.raises(ArchiveError, match="inside a symbolic link of the archive"):
+        extract(io.BytesIO(data), dest)
+    assert not list(tmp_path.rglob("pwned.txt"))
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("a/" * 40_000 + "f", "a header of"),  # 80 kB of name in a 241-byte upload
+        ("a/" * 65 + "f", "nested deeper than 64"),
+        ("x" * 3000, "longer than 2048 bytes"),
+    ],
+)
+def test_an_overlong_or_overdeep_path_is_refused_before_it_costs_anything(name: str, reason: str) -> None:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz", format=tarfile.PAX_FORMAT) as archive:
+        info = tarfile.TarInfo(name)
+        archive.addfile(info)
+
+    with pytest.raises(ArchiveError, match=reason):
+        inspect(io.BytesIO(buffer.getvalue()))
+
+
+def test_members_with_huge_pax_headers_are_refused_at_the_first(tmp_path: Path) -> None:
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        for i in range(50):
+            info = tarfile.TarInfo(f"f{i}")
+            info.pax_headers = {"comment": "x" * 1_000_000}
+            archive.addfile(info)
+    compressed = gzip.compress(raw.getvalue())
+    data = Counting(compressed)
+
+    with pytest.raises(ArchiveError, match="a header of"):
+        inspect(data)
+    assert data.bytes_read < len(compressed) / 4  # the first header stopped it (gzip reads 8 KiB at a time)

@@ -206,7 +206,7 @@ def test_the_limits_are_per_job_not_per_process() -> None:
 # --- What a killed worker leaves in a slot ---------------------------------------------------------
 
 
-def test_what_a_killed_worker_process_left_in_its_slot_is_cleared_by_the_next_job() -> None:
+def test_what_a_killedshared_worker_left_in_its_slot_is_cleared_by_the_next_job() -> None:
     read, write = os.pipe()
     child = os.fork()
     if child == 0:  # a worker process that starts a job's daemon and dies without cleaning up

@@ -203,7 +203,7 @@ def test_a_worker_killed_mid_job_leaves_a_job_that_runs_again_and_finishes_once(
     assert "worker lost" in job.events.get(type="requeued").message
 
 
-def test_a_job_that_kills_its_worker_process_every_time_is_dead_lettered(worker: WorkerProcess, api: APIClient) -> None:
+def test_a_job_that_kills_itsshared_worker_every_time_is_dead_lettered(worker: WorkerProcess, api: APIClient) -> None:
     job_id = submit(api, payload={"sleep_ms": 30_000}, max_attempts=2)
 
     process = ""

@@ -59,7 +59,13 @@ class _Member:
     kind: Kind
     size: int
     target: str  # a symlink's target (relative to the link) or a hard link's (from the archive root)
-    source: tarfile.TarInfo | zipfile.ZipInfo
+    index: int  # its place in the archive
+    executable: bool = False
+
+
+MAX_NAME_BYTES = 2048  # a member's path
+MAX_DEPTH = 64  # components of a member's path
+MAX_NAMES_BYTES = 8 * 1024 * 1024  # all members' paths together
 
 
 def _max_entries() -> int:
@@ -71,7 +77,15 @@ def _parts(name: str) -> tuple[str, ...]:
     """A member's path split, with `.` components dropped, or ArchiveError if it could leave the tree."""
     if not name or "\0" in name or "\\" in name:
         raise ArchiveError(f"{name!r}: not a valid path")
+    try:
+        size = len(name.encode())
+    except UnicodeEncodeError:
+        raise ArchiveError(f"{name!r}: not a valid path (not UTF-8)") from None
+    if size > MAX_NAME_BYTES:
+        raise ArchiveError(f"{name[:100]!r}...: a path longer than {MAX_NAME_BYTES} bytes")
     path = PurePosixPath(name)
+    if len(path.parts) > MAX_DEPTH:
+        raise ArchiveError(f"{name[:100]!r}...: nested deeper than {MAX_DEPTH} directories")
     if path.is_absolute():
         raise ArchiveError(f"{name!r}: absolute paths are not allowed")
     if ".." in path.parts:
@@ -104,10 +118,14 @@ class _Budget:
         self.files = 0
         self.entries = 0
         self.size = 0
+        self.names = 0
 
-    def add(self, is_file: bool, size: int = 0) -> None:
+    def add(self, is_file: bool, size: int = 0, name: str = "") -> None:
         self.entries += 1
         self.files += is_file
+        self.names += len(name)
+        if self.names > MAX_NAMES_BYTES:
+            raise ArchiveError(f"more than {MAX_NAMES_BYTES} bytes of paths")
         if self.files > settings.JOB_SOURCE_MAX_FILES:
             raise ArchiveError(f"more than {settings.JOB_SOURCE_MAX_FILES} files")
         if self.entries > _max_entries():
@@ -137,7 +155,8 @@ def _normalise(members: list[_Member]) -> list[_Member]:
 
     A folder X is stripped when every member is X itself or below it, at least one is below it, and
     X itself (if listed) is a directory. A path given twice, or as both a file and a folder, is refused:
-    the file count would not be what is unpacked, and unpacking would fail half-way.
+    the file count would not be what is unpacked, and unpacking would fail half-way. So is a member
+    below a symbolic link of the archive: unpacking it would write wherever the link points.
     """
     tops = {m.parts[0] for m in members if m.parts}
     prefix: tuple[str, ...] = ()
@@ -147,38 +166,42 @@ def _normalise(members: list[_Member]) -> list[_Member]:
             prefix = (top,)
 
     tree: list[_Member] = []
-    files: set[tuple[str, ...]] = set()  # what a hard link may name: files (and links to them) so far
-    others: set[tuple[str, ...]] = set()  # every path that is not a directory
+    files: set[str] = set()  # what a hard link may name: files (and links to them) so far
+    others: dict[str, str] = {}  # every path that is not a directory, and what it is
     for member in members:
         parts = member.parts[len(prefix) :]
         if not parts:
             if member.kind != "dir":
                 raise ArchiveError(f"{member.name!r}: not a file path")
             continue  # the root itself: the destination
+        path = "/".join(parts)
         if member.kind != "dir":
-            if parts in others:
+            if path in others:
                 raise ArchiveError(f"{member.name!r}: given twice")
-            others.add(parts)
+            others[path] = member.kind
         target = member.target
         if member.kind == "hardlink":
             linked = _parts(target)
             # tar names a hard link's target by an earlier member; anything else cannot be linked safely.
-            if linked[: len(prefix)] != prefix or linked[len(prefix) :] not in files:
+            if linked[: len(prefix)] != prefix or "/".join(linked[len(prefix) :]) not in files:
                 raise ArchiveError(f"{member.name!r}: hard link to {target!r} names no file before it in the archive")
             target = "/".join(linked[len(prefix) :])
         elif member.kind == "symlink":
             _check_link(member.name, parts, target)
         if member.kind in ("file", "hardlink"):
-            files.add(parts)
+            files.add(path)
         tree.append(dataclasses.replace(member, parts=parts, target=target))
 
-    folders = {m.parts for m in tree if m.kind == "dir"}
-    parents = {m.parts[:i] for m in tree for i in range(1, len(m.parts))}  # a symlink may be one of these
+    folders = {"/".join(m.parts) for m in tree if m.kind == "dir"}
     for member in tree:
-        if member.kind == "dir":
-            continue
-        if member.parts in folders or (member.kind != "symlink" and member.parts in parents):
+        if member.kind != "dir" and "/".join(member.parts) in folders:
             raise ArchiveError(f"{member.name!r}: both a file and a folder")
+        for depth in range(1, len(member.parts)):  # every folder it lies in (at most MAX_DEPTH)
+            above = others.get("/".join(member.parts[:depth]))
+            if above == "symlink":
+                raise ArchiveError(f"{member.name!r}: inside a symbolic link of the archive")
+            if above is not None:
+                raise ArchiveError(f"{'/'.join(member.parts[:depth])!r}: both a file and a folder")
     return tree
 
 
@@ -190,7 +213,7 @@ class _Inflated:
     read in 16 KiB blocks, so a read over `MAX_READ` is a hostile header.
     """
 
-    MAX_READ = 1024 * 1024
+    MAX_READ = 64 * 1024 + 512  # a pax header for a long name; member data comes 16 KiB at a time
 
     def __init__(self, gz: gzip.GzipFile) -> None:
         self._gz = gz
@@ -221,33 +244,87 @@ def _open_tar(fileobj: BinaryIO) -> Iterator[tarfile.TarFile]:
         yield archive
 
 
+def _tar_headers(archive: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+    """Each header as it is read; tarfile keeps none of them (it would keep them all, in `members`)."""
+    while (info := archive.next()) is not None:
+        archive.members.clear()
+        yield info
+
+
+def _tar_member(info: tarfile.TarInfo, index: int) -> _Member:
+    parts = _parts(info.name)
+    kind: Kind
+    if info.isdir():
+        kind = "dir"
+    elif info.issym():
+        kind = "symlink"  # its target is checked once it is known where the link lands
+    elif info.islnk():
+        kind = "hardlink"
+        _parts(info.linkname)
+    elif info.isfile() and not info.issparse():
+        kind = "file"
+    else:
+        raise ArchiveError(f"{info.name!r}: devices, fifos, sparse and other special files are not allowed")
+    size = info.size if kind == "file" else 0
+    return _Member(info.name, parts, kind, size, info.linkname, index, bool(info.mode & 0o111))
+
+
 def _tar_members(archive: tarfile.TarFile) -> list[_Member]:
     budget = _Budget()
     members = []
-    for info in archive:  # one header at a time: getmembers() would read them all before any limit
-        parts = _parts(info.name)
-        kind: Kind
-        if info.isdir():
-            kind = "dir"
-        elif info.issym():
-            kind = "symlink"  # its target is checked once it is known where the link lands
-        elif info.islnk():
-            kind = "hardlink"
-            _parts(info.linkname)
-        elif info.isfile():
-            kind = "file"
-        else:
-            raise ArchiveError(f"{info.name!r}: devices, fifos and other special files are not allowed")
-        budget.add(kind != "dir", info.size if kind == "file" else 0)
-        members.append(_Member(info.name, parts, kind, info.size if kind == "file" else 0, info.linkname, info))
+    for index, info in enumerate(_tar_headers(archive)):  # getmembers() would read them all before any limit
+        member = _tar_member(info, index)
+        budget.add(member.kind != "dir", member.size, info.name)
+        members.append(member)
     return _normalise(members)
 
 
-def _renamed(member: _Member) -> tarfile.TarInfo:
-    info = member.source
-    assert isinstance(info, tarfile.TarInfo)
-    linkname = member.target if member.kind in ("symlink", "hardlink") else info.linkname
-    return info.replace(name="/".join(member.parts), linkname=linkname, deep=False)
+def _untar(archive: tarfile.TarFile, members: list[_Member], root: int) -> None:
+    """Write the checked members, reading the archive a second time, member by member: each header
+    must be the one checked, data is streamed, no path is ever opened through a link (the links
+    themselves are made last)."""
+    budget = _Budget()  # the bytes actually written
+    planned = {member.index: member for member in members}
+    links: list[_Member] = []
+    for index, info in enumerate(_tar_headers(archive)):
+        if index not in planned:
+            if not info.isdir():  # only the root entry (or the stripped folder) is left out
+                raise ArchiveError(f"{info.name!r}: the archive changed while it was read")
+            continue
+        member = planned.pop(index)
+        if info.name != member.name or _tar_member(info, index).kind != member.kind:
+            raise ArchiveError(f"{info.name!r}: the archive changed while it was read")
+        with _naming(member):
+            if member.kind == "dir":
+                os.close(_directory(root, member.parts))
+            elif member.kind == "file":
+                data = archive.extractfile(info)
+                blocks = iter(functools.partial(data.read, _BLOCK), b"")
+                _write_file(root, member.parts, blocks, budget, 0o755 if member.executable else 0o644)
+            elif member.kind == "hardlink":
+                _hard_link(root, tuple(member.target.split("/")), member.parts)
+            else:
+                links.append(member)
+    if planned:
+        raise ArchiveError("the archive changed while it was read")
+    for member in links:
+        with _naming(member):
+            parent = _directory(root, member.parts[:-1])
+            try:
+                os.symlink(member.target, member.parts[-1], dir_fd=parent)
+            finally:
+                os.close(parent)
+
+
+@contextlib.contextmanager
+def _naming(member: _Member) -> Iterator[None]:
+    """An error that the archive itself causes (a path twice, a file where a folder goes), naming the member."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in _MEMBER_CONFLICTS:
+            raise
+        raise ArchiveError(f"{member.name!r}: {exc.strerror}") from exc
 
 
 _EOCD_SIGNATURE, _EOCD_ENTRIES, _EOCD_SIZE, _EOCD_LOCATION = 0, 4, 5, 9  # indices into _EndRecData's list
@@ -292,7 +369,7 @@ def _zip_entries(fileobj: BinaryIO) -> int:
 def _zip_members(archive: zipfile.ZipFile) -> list[_Member]:
     budget = _Budget()
     members = []
-    for info in archive.infolist():
+    for index, info in enumerate(archive.infolist()):
         parts = _parts(info.filename)
         if stat.S_ISLNK(info.external_attr >> 16):
             raise ArchiveError(f"{info.filename!r}: symbolic links in zip archives are not allowed")
@@ -302,26 +379,22 @@ def _zip_members(archive: zipfile.ZipFile) -> list[_Member]:
             raise ArchiveError(f"{info.filename!r}: compression method {info.compress_type} is not supported")
         kind: Kind = "dir" if info.is_dir() else "file"
         size = info.file_size if kind == "file" else 0
-        budget.add(kind == "file", size)
-        members.append(_Member(info.filename, parts, kind, size, "", info))
+        budget.add(kind == "file", size, info.filename)
+        members.append(_Member(info.filename, parts, kind, size, "", index, bool((info.external_attr >> 16) & 0o111)))
     return _normalise(members)
 
 
 def _unzip(archive: zipfile.ZipFile, members: list[_Member], root: int) -> None:
     budget = _Budget()  # the bytes actually written: a declared size is the archive's word
+    infos = archive.infolist()
     for member in members:
-        try:
+        with _naming(member):
             if member.kind == "dir":
                 os.close(_directory(root, member.parts))
                 continue
-            info = member.source
-            assert isinstance(info, zipfile.ZipInfo)
-            with archive.open(info) as data:
-                _write_file(root, member.parts, iter(functools.partial(data.read, _BLOCK), b""), budget)
-        except OSError as exc:
-            if exc.errno not in _MEMBER_CONFLICTS:
-                raise
-            raise ArchiveError(f"{member.name!r}: {exc.strerror}") from exc
+            with archive.open(infos[member.index]) as data:
+                blocks = iter(functools.partial(data.read, _BLOCK), b"")
+                _write_file(root, member.parts, blocks, budget, 0o755 if member.executable else 0o644)
 
 
 def inspect(fileobj: BinaryIO) -> ArchiveInfo:
@@ -346,17 +419,17 @@ def extract(fileobj: BinaryIO, dest: Path) -> None:
     """Unpack into `dest` after checking every member again, with the same normalisation as `inspect`."""
     fmt = sniff(fileobj)
     try:
-        if fmt == "tar.gz":
-            with _open_tar(fileobj) as archive:
-                members = [_renamed(m) for m in _tar_members(archive)]
-                # The "data" filter refuses what the checks above refuse, and also drops set-uid bits.
-                archive.extractall(dest, members=members, filter="data")
-        else:
-            _zip_entries(fileobj)
-            with zipfile.ZipFile(fileobj) as archive:
-                members = _zip_members(archive)
-                with _opened(dest) as root:
-                    _unzip(archive, members, root)
+        with _opened(dest) as root:
+            if fmt == "tar.gz":
+                with _open_tar(fileobj) as archive:
+                    members = _tar_members(archive)
+                fileobj.seek(0)
+                with _open_tar(fileobj) as archive:
+                    _untar(archive, members, root)
+            else:
+                _zip_entries(fileobj)
+                with zipfile.ZipFile(fileobj) as archive:
+                    _unzip(archive, _zip_members(archive), root)
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, gzip.BadGzipFile, zlib.error) as exc:
         raise ArchiveError(f"unreadable {fmt} archive: {exc}") from exc
 
@@ -387,17 +460,28 @@ def _directory(root: int, parts: Iterable[str]) -> int:
     return fd
 
 
-def _write_file(root: int, parts: tuple[str, ...], blocks: Iterable[bytes], budget: _Budget) -> None:
+def _write_file(root: int, parts: tuple[str, ...], blocks: Iterable[bytes], budget: _Budget, mode: int = 0o644) -> None:
     """A new file (never an existing one, never through a symlink) at `parts` under `root`."""
     parent = _directory(root, parts[:-1])
     try:
-        fd = os.open(parts[-1], _NEW_FILE, 0o644, dir_fd=parent)
+        fd = os.open(parts[-1], _NEW_FILE, mode, dir_fd=parent)
+        os.fchmod(fd, mode)  # whatever the umask
     finally:
         os.close(parent)
     with os.fdopen(fd, "wb") as out:
         for block in blocks:
             budget.spend(len(block))
             out.write(block)
+
+
+def _hard_link(root: int, target: tuple[str, ...], parts: tuple[str, ...]) -> None:
+    """A hard link at `parts` to the file already unpacked at `target` (both under `root`)."""
+    source, parent = _directory(root, target[:-1]), _directory(root, parts[:-1])
+    try:
+        os.link(target[-1], parts[-1], src_dir_fd=source, dst_dir_fd=parent, follow_symlinks=False)
+    finally:
+        os.close(source)
+        os.close(parent)
 
 
 def check_files(files: dict[str, str]) -> None:

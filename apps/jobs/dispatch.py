@@ -49,13 +49,19 @@ def queue_for(job: Job) -> str:
     return get_kind(job.kind).queue
 
 
-def publish(jobs: Sequence[Job], *, countdown: float | None = None, app: Celery | None = None) -> None:
-    """Send one message per job over one broker connection. Raises if the broker is unreachable."""
+def publish(
+    jobs: Sequence[Job], *, countdown: float | None = None, front: bool = False, app: Celery | None = None
+) -> None:
+    """Send one message per job over one broker connection. Raises if the broker is unreachable.
+
+    `front`: at the head of their priority's list (Redis), where a message that was lost should have
+    been; it is taken before the jobs published after it.
+    """
     app = app or current_app
     if not jobs:
         return
     if settings.BROKER_IS_REDIS and countdown is None:
-        _publish_redis(jobs, app)
+        _publish_redis(jobs, app, front)
     else:
         _publish_celery(jobs, app, countdown)
 
@@ -76,7 +82,7 @@ def _publish_celery(jobs: Sequence[Job], app: Celery, countdown: float | None = 
             )
 
 
-def _publish_redis(jobs: Sequence[Job], app: Celery) -> None:
+def _publish_redis(jobs: Sequence[Job], app: Celery, front: bool = False) -> None:
     """The messages `send_task` would send, built from one template and pipelined to Redis.
 
     `send_task` spends about 200 µs of Python per message (routing, signals, building the headers,
@@ -113,7 +119,9 @@ def _publish_redis(jobs: Sequence[Job], app: Celery) -> None:
                     {**properties, "correlation_id": task_id, "delivery_mode": DELIVERY_MODE},
                 )
                 channel._inplace_augment_message(message, "", queue)
-                pipe.lpush(channel._q_for_pri(queue, priority), dumps(message))
+                # Workers take from the right end (BRPOP): the left is the back of the line.
+                push = pipe.rpush if front else pipe.lpush
+                push(channel._q_for_pri(queue, priority), dumps(message))
                 if number % PUBLISH_BATCH == 0:
                     pipe.execute()
             pipe.execute()
@@ -136,10 +144,10 @@ def _client_for(pool: redis.ConnectionPool) -> redis.Redis:
     return _clients[pool]
 
 
-def publish_safely(jobs: Sequence[Job], *, countdown: float | None = None) -> bool:
+def publish_safely(jobs: Sequence[Job], *, countdown: float | None = None, front: bool = False) -> bool:
     """Publish, and on a broker failure leave the jobs to the reconciler: their rows are already safe."""
     try:
-        publish(jobs, countdown=countdown)
+        publish(jobs, countdown=countdown, front=front)
     except Exception:
         log.exception(
             "could not publish %d job(s); the reconciler will re-publish them",

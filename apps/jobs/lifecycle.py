@@ -310,14 +310,15 @@ def promote(job: Job) -> bool:
 
 
 def redispatch(jobs: list[Job]) -> None:
-    """Publish again jobs whose message was lost (their claim decides, should the old one turn up)."""
+    """Publish again jobs whose message was lost (their claim decides, should the old one turn up), at
+    the head of their queue: they had waited their turn already."""
     if not jobs:
         return
     now = timezone.now()
     Job.objects.filter(pk__in=[job.pk for job in jobs]).update(redispatched_at=now)
     for job in jobs:
         job.redispatched_at = now
-    transaction.on_commit(lambda: publish_safely(jobs))
+    transaction.on_commit(lambda: publish_safely(jobs, front=True))
 
 
 def heartbeat(job: Job) -> bool:

@@ -30,10 +30,10 @@ def health(request: Request) -> Response:
     except Exception as exc:
         state["database"] = f"error: {type(exc).__name__}"
     try:
-        with current_app.connection_for_read() as conn:
+        with current_app.connection_for_read() as conn:  # a new connection: a pooled one may be dead
             conn.ensure_connection(max_retries=1, timeout=2)
-        state["broker"] = "ok"
-        replies = current_app.control.broadcast(WORKER_STATUS, reply=True, timeout=1.0)
+            state["broker"] = "ok"
+            replies = current_app.control.broadcast(WORKER_STATUS, reply=True, timeout=1.0, connection=conn)
         workers = {name: status for reply in replies for name, status in reply.items()}
     except Exception as exc:
         state["broker"] = f"error: {type(exc).__name__}"
