@@ -197,6 +197,10 @@ if set(JOB_GIT_SCHEMES) - {"https", "file"}:
     raise ImproperlyConfigured("JOB_GIT_SCHEMES may hold https and file only")
 # Git hosts that may resolve to loopback, private, link-local or multicast addresses (exact names).
 JOB_GIT_ALLOWED_HOSTS = [host.lower() for host in env.list("JOB_GIT_ALLOWED_HOSTS", default=[])]
+# Ports a git host not named in JOB_GIT_ALLOWED_HOSTS may be reached on.
+JOB_GIT_PORTS = env.list("JOB_GIT_PORTS", cast=int, default=[443])
+# Folders file:// repositories may be cloned from (when JOB_GIT_SCHEMES has "file").
+JOB_GIT_FILE_ROOTS = env.list("JOB_GIT_FILE_ROOTS", default=[])
 JOB_GIT_TIMEOUT_SECONDS = env.int("JOB_GIT_TIMEOUT_SECONDS", default=300)
 JOB_GIT_MAX_BYTES = env.int("JOB_GIT_MAX_BYTES", default=200 * 1024 * 1024)  # received from the git host
 JOB_GIT_CA_FILE = env.str("JOB_GIT_CA_FILE", default="")  # extra CA certificates (a self-hosted git server)

@@ -16,6 +16,7 @@ os.environ.setdefault("JOBS_RETRY_MAX_SECONDS", "1")
 os.environ.setdefault("JOBS_HARD_TIMEOUT_GRACE_SECONDS", "3")
 os.environ.setdefault("CALLBACK_ALLOWED_HOSTS", "127.0.0.1")
 os.environ.setdefault("JOB_GIT_SCHEMES", "https,file")
+os.environ.setdefault("JOB_GIT_FILE_ROOTS", tempfile.gettempdir())
 # Fixed Fernet keys shared by the test process and its workers (the first encrypts).
 os.environ.setdefault("CREDENTIALS_KEYS", "Z-Y9W4NcFlMODUZo5cs1ie-guWMgD64qdtXR2LBZym8=")
 os.environ.setdefault("MEDIA_ROOT", os.path.join(tempfile.gettempdir(), "conveyor-test-media"))

@@ -30,6 +30,7 @@ from django.db import DatabaseError, InterfaceError, OperationalError, close_old
 from apps.jobs import lifecycle, live, sql
 from apps.jobs.errors import JobInterrupted, PermanentError, RetryableError
 from apps.jobs.models import Job, Status
+from tasks import interrupts
 from tasks.handlers import HANDLERS
 from tasks.sandbox.processes import pid_alive
 
@@ -196,7 +197,7 @@ _interrupt_reason = ""
 
 
 def _raise_interrupted(signum: int, frame: Any) -> None:
-    raise JobInterrupted(_interrupt_reason or f"stopped by signal {signal.Signals(signum).name}")
+    interrupts.interrupt(_interrupt_reason or f"stopped by signal {signal.Signals(signum).name}")
 
 
 @contextmanager

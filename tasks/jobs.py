@@ -11,7 +11,7 @@ from celery.worker.control import inspect_command
 from apps.jobs import callbacks
 from apps.jobs.reconciler import reconcile as reconcile_jobs
 from tasks import execution
-from tasks.sandbox.confinement import capabilities
+from tasks.sandbox.confinement import capabilities, sweep_slots
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,8 @@ def _say_how_jobs_are_confined(sender: Any, **kwargs: Any) -> None:
     if "builds" not in queues:
         return
     caps = capabilities()
+    if caps.sandbox is not None and (cleared := sweep_slots(caps)):
+        log.warning("sandbox: cleared %d job slot(s) that a stopped worker left behind", cleared)
     if caps.sandbox is None:
         log.error("sandbox: NONE. Build, test and lint jobs will fail on this worker: %s", caps.problem)
     elif caps.sandbox == "rlimit":

@@ -12,7 +12,8 @@ from tasks.types import Report
 
 DEFAULT_COMMAND = ["ruff", "check", "--output-format", "json"]
 MAX_DIAGNOSTICS = 1000
-MAX_REPORT_BYTES = 50 * 1024 * 1024
+MAX_REPORT_BYTES = 5 * 1024 * 1024  # ~15,000 diagnostics; parsed whole, so kept small
+MAX_CODES = 200  # the most frequent rule codes in `by_code` (a report is the job's to write)
 
 
 def handle(job: Job, report: Report) -> dict[str, Any]:
@@ -36,15 +37,17 @@ def handle(job: Job, report: Report) -> dict[str, Any]:
             raise PermanentError(f"the lint command exited with {code} without a ruff report; see the log")
         src = run.workspace.inner(run.workspace.src)
         diagnostics = [diagnostic(item, src) for item in raw if isinstance(item, dict)]
-        for d in diagnostics:
-            run.log.line(f"{d['path']}:{d['line']}:{d['column']}: {d['code']} {d['message']}")
+        if diagnostics:  # one write for all (the log keeps its first JOB_LOG_MAX_BYTES)
+            run.log.line(
+                "\n".join(f"{d['path']}:{d['line']}:{d['column']}: {d['code']} {d['message']}" for d in diagnostics)
+            )
         run.log.line(f"[conveyor] {len(diagnostics)} diagnostics")
         result = {
             "outcome": "clean" if not diagnostics else "issues",
             "exit_code": code,
             "count": len(diagnostics),
             "diagnostics": diagnostics[:MAX_DIAGNOSTICS],
-            "by_code": dict(Counter(d["code"] for d in diagnostics).most_common()),
+            "by_code": dict(Counter(d["code"] for d in diagnostics).most_common(MAX_CODES)),
         }
         if job.payload.get("artifacts"):
             result["artifacts"] = run.collect_artifacts(job.payload["artifacts"])

@@ -3,6 +3,7 @@
 (Not `tasks/test.py`: tools would take that for a test module.)
 """
 
+import io
 import math
 from typing import Any
 
@@ -15,7 +16,8 @@ from tasks.types import Report
 
 DEFAULT_COMMAND = ["python", "-m", "pytest"]
 MAX_FAILURES = 50
-MAX_REPORT_BYTES = 50 * 1024 * 1024
+MAX_REPORT_BYTES = 20 * 1024 * 1024
+MAX_REPORT_DEPTH = 16  # testsuites > testsuite > testcase > failure: a report is never deeper
 
 
 def handle(job: Job, report: Report) -> dict[str, Any]:
@@ -35,30 +37,43 @@ def handle(job: Job, report: Report) -> dict[str, Any]:
 
 
 def read_junit(report: bytes | None) -> dict[str, Any]:
-    """Counts as pytest reports them, from its JUnit XML; None for each when there is no report."""
-    empty = dict.fromkeys(("tests", "passed", "failed", "errors", "skipped", "duration_s"))
+    """Counts as pytest reports them, from its JUnit XML; None for each when there is no report.
+
+    The report is the job's to write: it is parsed as a stream (each test case dropped once counted),
+    and a document nested deeper than a JUnit report ever is counts as no report.
+    """
+    empty = {**dict.fromkeys(("tests", "passed", "failed", "errors", "skipped", "duration_s")), "failures": []}
     if report is None:
-        return {**empty, "failures": []}
-    try:
-        root = ET.fromstring(report)
-    except (ET.ParseError, DefusedXmlException):
-        return {**empty, "failures": []}
-    suites = [root] if root.tag == "testsuite" else root.findall("testsuite")
+        return empty
     counts = dict.fromkeys(("tests", "failures", "errors", "skipped"), 0)
     duration = 0.0
     passed = 0
-    failures = []
-    for suite in suites:
-        for name in counts:
-            counts[name] += _count(suite.get(name))
-        duration += _seconds(suite.get("time"))
-        for case in suite.iter("testcase"):
-            problems = [child for child in case if child.tag in ("failure", "error")]
-            if not problems and case.find("skipped") is None:
-                passed += 1
-            for problem in problems:
-                if len(failures) < MAX_FAILURES:
-                    failures.append({"test": node_id(case), "message": (problem.get("message") or "")[:2000]})
+    failures: list[dict[str, str]] = []
+    depth, root = 0, ""
+    try:
+        for event, element in ET.iterparse(io.BytesIO(report), events=("start", "end")):
+            if event == "start":
+                depth += 1
+                root = root or element.tag
+                if depth > MAX_REPORT_DEPTH:
+                    return empty
+                continue
+            if element.tag == "testsuite" and (depth == 1 or (depth == 2 and root == "testsuites")):
+                for name in counts:
+                    counts[name] += _count(element.get(name))
+                duration += _seconds(element.get("time"))
+                element.clear()
+            elif element.tag == "testcase":
+                problems = [child for child in element if child.tag in ("failure", "error")]
+                if not problems and element.find("skipped") is None:
+                    passed += 1
+                for problem in problems:
+                    if len(failures) < MAX_FAILURES:
+                        failures.append({"test": node_id(element), "message": (problem.get("message") or "")[:2000]})
+                element.clear()  # keep nothing of what was counted
+            depth -= 1
+    except (ET.ParseError, DefusedXmlException):
+        return empty
     return {
         "tests": counts["tests"],
         "passed": passed,

@@ -11,7 +11,7 @@ from functools import partial
 from django.conf import settings
 
 from apps.jobs import artifacts
-from apps.jobs.models import Job
+from apps.jobs.models import Artifact, Job
 from tasks.sandbox import sources
 from tasks.sandbox.confinement import capabilities
 from tasks.sandbox.files import JobTree, glob_match, may_match_below
@@ -65,6 +65,9 @@ class ToolRun:
         below = partial(_any_below, patterns)
         with JobTree(self.workspace.root, self.note) as tree:
             for rel, f, size in tree.files("src", wanted, below, settings.JOB_ARTIFACTS_MAX_BYTES):
+                if len(rel) > MAX_ARTIFACT_NAME or not _is_text(rel):
+                    self.note(f"not collected: {_shown(rel)} (a name must be UTF-8, at most {MAX_ARTIFACT_NAME} long)")
+                    continue
                 if len(kept) >= settings.JOB_ARTIFACTS_MAX_FILES or total + size > settings.JOB_ARTIFACTS_MAX_BYTES:
                     self.note(
                         f"artifact limit reached ({settings.JOB_ARTIFACTS_MAX_FILES} files, "
@@ -75,6 +78,21 @@ class ToolRun:
                 kept.append(artifacts.describe(artifacts.store(self.job, rel, f, size)))
         artifacts.drop_others(self.job, {a["name"] for a in kept})
         return kept
+
+
+MAX_ARTIFACT_NAME = Artifact._meta.get_field("name").max_length
+
+
+def _is_text(name: str) -> bool:
+    try:
+        name.encode()
+    except UnicodeEncodeError:  # bytes that are not UTF-8, which os.scandir gives as surrogates
+        return False
+    return True
+
+
+def _shown(name: str) -> str:
+    return repr(name[:80] + "..." if len(name) > 80 else name)
 
 
 def _any_match(patterns: list[str], path: str) -> bool:

@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 import pytest
+from django.conf import settings
 from django.test import override_settings
 from django.utils import timezone
 
@@ -13,6 +14,7 @@ from tasks.sandbox import confinement
 from tasks.sandbox.joblog import JobLog
 from tasks.sandbox.runner import run_command
 from tasks.sandbox.workspace import Workspace
+from tasks.testrun import read_junit
 from tasks.toolrun import ToolRun, tool_run
 from tests.test_sandbox import Collect, require_bwrap
 
@@ -157,3 +159,43 @@ def test_the_unconfined_mode_says_so_on_the_jobs_first_log_line(django_user_mode
 
     first = job.log_chunks.order_by("offset").first().text.splitlines()[0]
     assert "sandbox: rlimit (UNCONFINED: the command shares the worker's file system and network)" in first
+
+
+def test_output_without_newlines_reaches_the_log_as_it_comes(run: ToolRun) -> None:
+    for _ in range(4):
+        run.log.write(b"x" * 65536)  # a quarter of a MiB without a newline
+
+    stored = sum(len(chunk.text) for chunk in run.job.log_chunks.all())
+    assert stored >= 128 * 1024  # not held back waiting for a newline that never comes
+
+    for _ in range(80):
+        run.log.write(b"x" * 65536)
+    text = logged(run)
+    assert len(text.encode()) < 1024 * 1024 + 200
+    assert text.rstrip().endswith("the rest is not kept")
+
+
+def test_artifacts_whose_names_the_platform_cannot_keep_are_noted_and_not_stored(run: ToolRun) -> None:
+    dist = run.workspace.src / "dist"
+    deep = dist / ("d" * 200) / ("e" * 200) / ("f" * 200)
+    deep.mkdir(parents=True)
+    (deep / "long.whl").write_bytes(b"long")
+    (dist / "ok.whl").write_bytes(b"ok")
+    os.close(os.open(os.fsencode(dist) + b"/bad-\xff.whl", os.O_CREAT | os.O_WRONLY, 0o644))
+    media_before = set(Path(settings.MEDIA_ROOT).rglob("*")) if Path(settings.MEDIA_ROOT).exists() else set()
+
+    found = run.collect_artifacts(["dist/**"])
+
+    assert [a["name"] for a in found] == ["dist/ok.whl"]
+    log = logged(run)
+    assert "(a name must be UTF-8, at most 500 long)" in log
+    assert "bad-\\udcff.whl" in log  # named (escaped), not stored
+    stored = {p for p in Path(settings.MEDIA_ROOT).rglob("*") if p.is_file()} - media_before
+    assert [p.name for p in stored] == ["ok.whl"]  # nothing stored without its row
+
+
+def test_a_report_nested_deeper_than_a_junit_report_counts_as_none() -> None:
+    deep = b"<testsuites>" + b"<x>" * 5000 + b"</x>" * 5000 + b"</testsuites>"
+
+    assert read_junit(deep)["tests"] is None
+    assert read_junit(b'<testsuite tests="2" failures="1"><testcase name="a"/></testsuite>')["tests"] == 2

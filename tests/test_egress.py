@@ -171,7 +171,10 @@ LOOPBACK_SPELLINGS = [
     "127.0.0.1", "localhost", "LocalHost", "2130706433", "0x7f.1", "0x7f000001", "017700000001", "127.1",
     "[::ffff:127.0.0.1]", "[::1]", "0", "[::]", "[::127.0.0.1]", "[64:ff9b::7f00:1]",
 ]  # fmt: skip
-REFUSAL = "{}: resolves to a loopback, private, link-local or multicast address (allow it with JOB_GIT_ALLOWED_HOSTS)"
+REFUSAL = (
+    "{}: does not resolve to a public address (loopback, private, link-local and multicast addresses are refused; "
+    "allow it with JOB_GIT_ALLOWED_HOSTS)"
+)
 
 
 @pytest.mark.parametrize("host", LOOPBACK_SPELLINGS)
@@ -198,7 +201,7 @@ def test_the_proxy_refuses_private_link_local_and_multicast_targets(host: str, s
     status, _ = connect(proxy, f"{host}:443")
 
     assert status == "HTTP/1.1 403 Forbidden"
-    assert proxy.refusals[0].startswith(f"{host}: resolves to a loopback")
+    assert proxy.refusals == [REFUSAL.format(host)]
     assert proxy.failures == []
 
 
@@ -376,7 +379,9 @@ def test_a_failed_connection_is_recorded_without_its_cause(start_proxy: Callable
     assert proxy.failures == [f"127.0.0.1:{port}: could not connect"]
 
 
-def test_a_name_that_does_not_resolve_is_recorded(start_proxy: Callable, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_name_that_does_not_resolve_gets_the_same_answer_as_an_internal_one(
+    start_proxy: Callable, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def no_such_name(*args: object, **kwargs: object) -> list:
         raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
 
@@ -385,8 +390,32 @@ def test_a_name_that_does_not_resolve_is_recorded(start_proxy: Callable, monkeyp
 
     status, _ = connect(proxy, "git.nowhere.example:443")
 
+    assert status == "HTTP/1.1 403 Forbidden"  # a job learns nothing of which internal names exist
+    assert proxy.refusals == [REFUSAL.format("git.nowhere.example")]
+
+
+def test_an_allowed_name_that_does_not_resolve_is_a_passing_failure(
+    start_proxy: Callable, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_such_name(*args: object, **kwargs: object) -> list:
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(egress.socket, "getaddrinfo", no_such_name)
+    proxy = start_proxy(allowed_hosts=["git.internal.example"])
+
+    status, _ = connect(proxy, "git.internal.example:443")
+
     assert status == "HTTP/1.1 502 Bad Gateway"
-    assert proxy.failures == ["git.nowhere.example: could not be resolved"]
+    assert proxy.failures == ["git.internal.example: could not be resolved"]
+
+
+def test_hosts_not_allowed_by_name_are_reached_on_the_allowed_ports_only(start_proxy: Callable) -> None:
+    proxy = start_proxy(ports=frozenset({443}))
+
+    status, _ = connect(proxy, "93.184.215.14:22")
+
+    assert status == "HTTP/1.1 403 Forbidden"
+    assert proxy.refusals == ["93.184.215.14:22: only port(s) 443 may be reached (allow it with JOB_GIT_ALLOWED_HOSTS)"]
 
 
 def test_stop_closes_open_tunnels_and_removes_the_socket(servers: Callable, start_proxy: Callable) -> None:

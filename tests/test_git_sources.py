@@ -91,3 +91,11 @@ def test_a_fetch_that_takes_too_long_is_stopped(workspace: Workspace, silent_hos
         clone(f"https://127.0.0.1:{silent_host}/slow.git", "main", workspace, Lines())
 
     assert time.monotonic() - started < 15
+
+
+@pytest.mark.parametrize("url", ["file:///", "file:///root", "file:///tmp/../root/x.git", "file:///tmp"])
+def test_a_file_repository_outside_the_roots_is_refused_before_anything_is_mounted(
+    workspace: Workspace, url: str
+) -> None:
+    with pytest.raises(PermanentError, match="JOB_GIT_FILE_ROOTS"):
+        clone(url, "main", workspace, Lines())

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from django.test import override_settings
 
-from apps.jobs.errors import PermanentError
+from apps.jobs.errors import PermanentError, RetryableError
 from tasks.sandbox import confinement, processes
 from tasks.sandbox.processes import MARKER_VAR
 from tasks.sandbox.runner import CommandTimedOut, LimitExceeded, Output, run_command
@@ -296,3 +296,102 @@ def test_without_bwrap_auto_mode_refuses_to_run_tool_jobs(monkeypatch: pytest.Mo
     assert "JOB_SANDBOX=rlimit" in caps.problem
     assert unconfined.sandbox == "rlimit"
     assert "UNCONFINED" in unconfined.describe()
+
+
+# --- What one job leaves must not reach the next in its slot, nor outlive a cancel -----------------
+
+KEYCTL_CALLS = {"x86_64": (248, 249), "aarch64": (217, 218)}  # add_key, request_key
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_key_a_job_left_in_its_users_keyring_is_gone_for_the_next_job(mode: str) -> None:
+    require_bwrap(mode)
+    add_key, request_key = KEYCTL_CALLS[os.uname().machine]
+    script = (
+        "import ctypes, sys\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+        f"if sys.argv[1] == 'add':\n    print(libc.syscall({add_key}, b'user', b'conveyor-leak', b'secret', 6, -4))\n"
+        f"else:\n    print(libc.syscall({request_key}, b'user', b'conveyor-leak', None, 0))\n"
+    )
+    first = Workspace.create(sandbox=mode)
+    slot = first.slot.number
+    try:
+        assert int(run(first, script, "add")[1]) > 0  # a key id
+    finally:
+        first.remove()
+    second = Workspace.create(sandbox=mode)
+    try:
+        assert second.slot.number == slot
+        assert int(run(second, script, "find")[1]) == -1  # not found
+    finally:
+        second.remove()
+
+
+def test_what_a_job_leaves_in_the_shared_tmp_in_rlimit_mode_is_removed() -> None:
+    ws = Workspace.create(sandbox="rlimit")
+    uid = ws.uid
+    try:
+        code, _ = run(
+            ws, "import tempfile, os\nopen('/tmp/conveyor-left-behind', 'w').write('x')\nos.mkdir('/dev/shm/cv-left')"
+        )
+    finally:
+        ws.remove()
+
+    assert code == 0
+    assert not os.path.exists("/tmp/conveyor-left-behind")
+    assert not os.path.exists("/dev/shm/cv-left")
+    assert uid not in {os.lstat(entry.path).st_uid for entry in os.scandir("/tmp")}
+
+
+def test_a_cancel_during_cleanup_waits_until_the_disk_is_removed(monkeypatch: pytest.MonkeyPatch) -> None:
+    from apps.jobs.errors import JobInterrupted
+    from tasks import interrupts
+    from tasks.sandbox import workspace as workspace_module
+
+    real_remove = workspace_module.remove_disk
+
+    def cancelled_midway(root: Path, image: Path) -> None:
+        interrupts.interrupt("cancelled")  # what SIGTERM's handler does, in the middle of the unmount
+        real_remove(root, image)
+
+    monkeypatch.setattr(workspace_module, "remove_disk", cancelled_midway)
+    ws = Workspace.create(sandbox="rlimit")
+
+    with pytest.raises(JobInterrupted, match="cancelled"):
+        ws.remove()
+
+    assert not ws.root.exists()
+    assert not confinement.is_mount(ws.root)
+
+
+def test_a_worker_starting_clears_the_slots_a_dead_one_left() -> None:
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:
+        try:
+            os.write(write, str(Workspace.create(sandbox="rlimit").root).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as f:
+        root = Path(f.read())
+    os.waitpid(child, 0)
+    assert confinement.is_mount(root)
+
+    assert confinement.sweep_slots(confinement.capabilities()) >= 1
+
+    assert not root.exists()
+
+
+def test_a_host_without_room_for_the_jobs_disk_is_a_passing_failure(tmp_path: Path) -> None:
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(small)], check=True)
+    try:
+        with (
+            override_settings(JOB_WORK_ROOT=str(small), JOB_DISK_BYTES=64 * 1024**2),
+            pytest.raises(RetryableError, match="no room on this worker host for the job's disk"),
+        ):
+            Workspace.create(sandbox="rlimit")
+        assert [p.name for p in (small / "conveyor-jobs-0").iterdir()] == []
+    finally:
+        subprocess.run(["umount", str(small)], check=True)

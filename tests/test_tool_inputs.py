@@ -53,6 +53,8 @@ def test_an_allowed_command_is_accepted(api: APIClient) -> None:
         ({"git": {"url": "https://user:token@example.com/r.git", "ref": "main"}}, "git"),
         ({"git": {"url": "https://example.com/r.git", "ref": "--upload-pack=touch /tmp/x"}}, "git"),
         ({"git": {"url": "https://example.com/r.git", "ref": "a..b"}}, "git"),
+        ({"git": {"url": "file:///root/private.git", "ref": "main"}}, "git"),  # not in JOB_GIT_FILE_ROOTS
+        ({"git": {"url": "file:///", "ref": "main"}}, "git"),
     ],
 )
 def test_a_bad_source_is_a_400_naming_what_is_wrong(api: APIClient, source: dict, field: str | None) -> None:

@@ -26,7 +26,12 @@ def store(job: Job, name: str, f: BinaryIO, size: int) -> Artifact:
         _delete(Artifact.objects.filter(job=job, name=name))
         artifact = Artifact(job=job, name=name, size=size - left, sha256=digest.hexdigest())
         spool.seek(0)
-        artifact.file.save(PurePosixPath(name).name, File(spool), save=True)
+        try:
+            artifact.file.save(PurePosixPath(name).name, File(spool), save=True)
+        except BaseException:
+            if artifact.file.name:  # stored, but its row was refused: no file without a row
+                artifact.file.storage.delete(artifact.file.name)
+            raise
     return artifact
 
 

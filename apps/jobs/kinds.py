@@ -4,6 +4,7 @@ The API validates payloads here, without importing worker code; `tasks/` maps ea
 handler by the same name.
 """
 
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -90,9 +91,22 @@ class SourceField(serializers.Field):
             raise serializers.ValidationError({"git": {"url": ["Credentials in the URL are not accepted."]}})
         if parts.scheme != "file" and not parts.hostname:
             raise serializers.ValidationError({"git": {"url": ["The URL has no host."]}})
+        if parts.scheme == "file" and not _within(os.path.normpath(parts.path), settings.JOB_GIT_FILE_ROOTS):
+            roots = ", ".join(settings.JOB_GIT_FILE_ROOTS) or "none configured"
+            raise serializers.ValidationError(
+                {"git": {"url": [f"file:// repositories must lie in JOB_GIT_FILE_ROOTS ({roots})."]}}
+            )
         if not isinstance(ref, str) or not GIT_REF.fullmatch(ref) or ".." in ref:
             raise serializers.ValidationError({"git": {"ref": ["Not a valid branch, tag or commit name."]}})
         return {"url": url, "ref": ref}
+
+
+def _within(path: str, roots: list[str]) -> bool:
+    return any(
+        os.path.normpath(root) != "/" and os.path.commonpath([path, os.path.normpath(root)]) == os.path.normpath(root)
+        for root in roots
+        if os.path.isabs(path)
+    )
 
 
 class ToolPayload(PayloadSerializer):

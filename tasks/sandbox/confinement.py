@@ -18,10 +18,12 @@ that at most one job uses a uid or a cgroup at a time, and whatever a killed wor
 """
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
 import os
+import pwd
 import shutil
 import subprocess
 import tempfile
@@ -32,6 +34,7 @@ from pathlib import Path
 
 from django.conf import settings
 
+from tasks.interrupts import uninterrupted
 from tasks.sandbox import processes
 
 log = logging.getLogger(__name__)
@@ -199,6 +202,10 @@ def _counter(path: Path, name: str) -> int:
 # --- disks -----------------------------------------------------------------------------------------
 
 
+class DiskUnavailable(OSError):
+    """The host has no room for a job's disk now (a passing condition)."""
+
+
 def _run(argv: list[str]) -> None:
     done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     if done.returncode != 0:
@@ -210,7 +217,15 @@ def make_disk(kind: str, root: Path, image: Path, size: int, inodes: int) -> Non
     if kind == "ext4":
         fd = os.open(image, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         try:
-            os.ftruncate(fd, size)  # sparse: disk is used as the job writes
+            # Reserved on the host now: a sparse image would let jobs together overcommit the host's
+            # disk, and one job's writes fail (or corrupt another's file system) when it fills.
+            os.posix_fallocate(fd, 0, size)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise DiskUnavailable(
+                    f"no room on this worker host for the job's disk of {human_bytes(size)} (JOB_DISK_BYTES)"
+                ) from None
+            raise
         finally:
             os.close(fd)
         # A scratch file system for one job: no journal, no room to grow, no checksums (half the
@@ -251,13 +266,14 @@ def _find_disk(work_root: Path) -> str:
             continue
         root = Path(tempfile.mkdtemp(prefix="conveyor-probe-", dir=work_root))
         image = root.with_suffix(".img")
-        try:
-            make_disk(kind, root, image, 16 * 1024**2, 1000)
-            return kind
-        except OSError as exc:
-            log.info("work directories cannot be %s file systems here: %s", kind, exc)
-        finally:
-            remove_disk(root, image)
+        with uninterrupted():
+            try:
+                make_disk(kind, root, image, 16 * 1024**2, 1000)
+                return kind
+            except OSError as exc:
+                log.info("work directories cannot be %s file systems here: %s", kind, exc)
+            finally:
+                remove_disk(root, image)
     return ""
 
 
@@ -328,6 +344,14 @@ class Capabilities:
         return f"{head}; {', '.join(parts)}"
 
 
+def _accounts_in(base: int, count: int) -> str:
+    taken = []
+    for uid in range(base, base + count):
+        with contextlib.suppress(KeyError):
+            taken.append(f"{uid}: {pwd.getpwuid(uid).pw_name}")
+    return ", ".join(taken[:3])
+
+
 @cache
 def capabilities() -> Capabilities:
     """Found once per process: probing bwrap, cgroups and mounts costs tens of milliseconds."""
@@ -340,6 +364,9 @@ def capabilities() -> Capabilities:
         if problem and settings.JOB_SANDBOX == "auto":
             problem += "; tool jobs do not run unconfined unless JOB_SANDBOX=rlimit is set"
     own_uid = os.geteuid() == 0 and bool(shutil.which("setpriv"))
+    if own_uid and (taken := _accounts_in(settings.JOB_UID_BASE, settings.JOB_SLOTS)):
+        # Their processes would be killed, and their files taken, as a job's.
+        sandbox, problem = None, f"JOB_UID_BASE..+JOB_SLOTS overlaps accounts of this host ({taken})"
     try:
         disk = _find_disk(work_root()) if sandbox else ""
     except OSError as exc:
@@ -350,14 +377,38 @@ def capabilities() -> Capabilities:
 # --- slots -----------------------------------------------------------------------------------------
 
 
-def _slots_dir() -> Path:
-    base = Path("/run/conveyor") if os.geteuid() == 0 and os.access("/run", os.W_OK) else work_root()
-    path = base / "slots"
+def _own_dir(path: Path, mode: int) -> Path:
+    """A directory of the worker's (made with `mode` if missing), refused if it is a link, someone
+    else's, or writable by others."""
     with contextlib.suppress(FileExistsError):
-        path.mkdir(mode=0o700, parents=True)
+        path.mkdir(mode=mode)
     info = os.lstat(path)
-    if not os.path.isdir(path) or os.path.islink(path) or info.st_uid != os.geteuid() or info.st_mode & 0o077:
+    if not os.path.isdir(path) or os.path.islink(path) or info.st_uid != os.geteuid() or info.st_mode & 0o022:
+        raise PermissionError(f"{path} is not a directory of this worker's own (a link, or writable by others)")
+    return path
+
+
+def _state_dir() -> Path:
+    """Where the worker keeps its slots' locks and the git proxies' sockets: /run/conveyor as root
+    (one per host, whatever JOB_WORK_ROOT each worker has), else its work root."""
+    if os.geteuid() == 0 and os.access("/run", os.W_OK):
+        return _own_dir(Path("/run/conveyor"), 0o711)
+    return work_root()
+
+
+def _slots_dir() -> Path:
+    path = _own_dir(_state_dir() / "slots", 0o700)
+    if os.lstat(path).st_mode & 0o077:
         raise PermissionError(f"{path} is not a private directory of this worker's")
+    return path
+
+
+def egress_socket(slot: int | None) -> Path:
+    """A short path (a Unix socket's may not pass 107 bytes) for the git proxy of a slot's job."""
+    folder = _own_dir(_state_dir() / "egress", 0o711)  # the job's user passes through, cannot list
+    path = folder / f"{slot if slot is not None else os.getpid()}.sock"
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()  # a socket a killed worker left
     return path
 
 
@@ -401,7 +452,7 @@ class Slot:
 
     def _clear_previous(self) -> None:
         """Whatever the slot's last holder left, if it died without cleaning up: its processes, its
-        cgroup, its work directory (still mounted)."""
+        cgroup, its work directory (still mounted), and what its uid keeps beyond its processes."""
         if self.uid is not None:
             processes.kill_uid(self.uid)
         if self.cgroup:
@@ -415,6 +466,8 @@ class Slot:
             root = Path(previous["workspace"])
             log.warning("slot %d: removing the work directory a lost job left: %s", self.number, root)
             remove_disk(root, root.with_suffix(".img"))
+        if self.uid is not None:
+            scrub_uid(self.uid)
 
     def _record(self, workspace: Path) -> None:
         data = json.dumps({"workspace": str(workspace), "pid": os.getpid()}).encode()
@@ -429,13 +482,102 @@ class Slot:
         elif self.uid is not None:
             processes.kill_uid(self.uid)
 
-    def release(self) -> None:
+    def release(self, *, forget: bool = True) -> None:
+        """Let the slot go. `forget=False` keeps its record (a work directory that could not be
+        removed), for the next holder to clear."""
         if self._fd < 0:
             return
-        with contextlib.suppress(OSError):
+        try:
             self.kill_processes()
             if self.cgroup:
                 self.cgroup.remove()
-            os.ftruncate(self._fd, 0)
-        os.close(self._fd)  # closing releases the lock
-        self._fd = -1
+            if self.uid is not None:
+                scrub_uid(self.uid)
+            if forget:
+                os.ftruncate(self._fd, 0)
+        except OSError:
+            log.exception("slot %d: could not be cleared; the next job in it will try again", self.number)
+        finally:
+            os.close(self._fd)  # closing releases the lock
+            self._fd = -1
+
+
+def sweep_slots(caps: Capabilities) -> int:
+    """Clear every free slot a dead worker left (at a worker's start: otherwise slot N is cleared only
+    once N + 1 jobs run at once). Returns how many had something to clear."""
+    cleared = 0
+    folder = _slots_dir()
+    for number in range(settings.JOB_SLOTS):
+        path = folder / f"{number}.lock"
+        if not path.exists():
+            continue
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue  # a running job's
+        slot = Slot(number, settings.JOB_UID_BASE + number if caps.own_uid else None, None, fd)
+        slot.cgroup = caps.cgroups.for_slot(number) if caps.cgroups else None
+        cleared += os.fstat(fd).st_size > 0
+        with contextlib.suppress(OSError):
+            slot._clear_previous()
+        slot.release()
+    return cleared
+
+
+# --- what a uid keeps beyond its processes ---------------------------------------------------------
+
+# keyctl(KEYCTL_CLEAR, keyring) for the user and user-session keyrings, as the uid itself (the kernel
+# keeps a user's keyrings after its last process exits: the next job with that uid would read them).
+_KEYCTL = {"x86_64": 250, "aarch64": 219, "i686": 288, "armv7l": 311}
+_CLEAR_KEYRINGS = (
+    "import ctypes, sys\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+    "for keyring in (-4, -5):\n    libc.syscall(int(sys.argv[1]), 7, keyring)\n"
+)
+
+
+def _uids_with_keys() -> set[int]:
+    try:
+        with open("/proc/key-users") as f:
+            return {int(line.split(":")[0]) for line in f if line.strip()}
+    except (OSError, ValueError):
+        return set()
+
+
+def scrub_uid(uid: int) -> None:
+    """Remove what a job's uid keeps after its processes are gone: kernel keyrings; System V IPC
+    objects, and files in the shared /tmp, /var/tmp and /dev/shm (the rlimit mode shares them; bwrap
+    gives each job its own)."""
+    if uid in _uids_with_keys() and (number := _KEYCTL.get(os.uname().machine)):
+        python = str(settings.JOB_TOOLCHAIN / "bin" / "python")
+        subprocess.run(
+            ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--", python, "-I", "-c",
+             _CLEAR_KEYRINGS, str(number)],
+            capture_output=True, timeout=30, check=False,
+        )  # fmt: skip
+    for kind, column, flag in (("shm", "shmid", "-m"), ("msg", "msqid", "-q"), ("sem", "semid", "-s")):
+        try:
+            with open(f"/proc/sysvipc/{kind}") as f:
+                header = f.readline().split()
+                rows = [line.split() for line in f]
+            ids = [row[header.index(column)] for row in rows if row[header.index("uid")] == str(uid)]
+        except (OSError, ValueError, IndexError):
+            continue
+        for ipc_id in ids:
+            subprocess.run(["ipcrm", flag, ipc_id], capture_output=True, timeout=30, check=False)
+    for shared in ("/tmp", "/var/tmp", "/dev/shm"):  # noqa: S108 (cleaning what a job left there)
+        try:
+            entries = list(os.scandir(shared))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                if entry.stat(follow_symlinks=False).st_uid != uid:
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                else:
+                    os.unlink(entry.path)
+            except OSError:
+                continue

@@ -128,9 +128,12 @@ class EgressProxy:
         deadline: float,
         connect_timeout: float = 10,
         max_clients: int = 16,
+        ports: frozenset[int] | None = None,
     ) -> None:
         self.socket_path = Path(socket_path)
         self.allowed_hosts = frozenset(_normal_host(host) for host in allowed_hosts)
+        # Ports a host not allowed by name may be reached on (None: any). A host allowed by name: any.
+        self.ports = ports
         self.max_bytes = max_bytes
         self.deadline = deadline
         self.connect_timeout = connect_timeout
@@ -165,6 +168,8 @@ class EgressProxy:
             listener.listen(64)
         except OSError:
             listener.close()
+            self._wake_r.close()
+            self._wake_w.close()
             raise
         self._listener = listener
         self._acceptor = threading.Thread(target=self._accept_loop, name="egress-accept", daemon=True)
@@ -292,19 +297,24 @@ class EgressProxy:
     def _resolve(self, host: str, port: int) -> list[tuple]:
         """The host's addresses (getaddrinfo entries), each checked unless the host is allowed by name.
         `host` is as the client spelled it, brackets included: that is how messages name it."""
+        allowed = _normal_host(host) in self.allowed_hosts
+        if not allowed and self.ports is not None and port not in self.ports:
+            ports = ", ".join(map(str, sorted(self.ports)))
+            self._record(self.refusals, f"{host}:{port}: only port(s) {ports} may be reached ({ALLOW_HINT})")
+            raise _Refused(403, "Forbidden")
         try:
             infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
         except (OSError, UnicodeError):
-            self._record(self.failures, f"{host}: could not be resolved")
-            raise _Refused(502, "Bad Gateway") from None
+            infos = []
         infos = [info for info in infos if info[0] in (socket.AF_INET, socket.AF_INET6)]
-        if not infos:
+        if not infos and allowed:
             self._record(self.failures, f"{host}: could not be resolved")
             raise _Refused(502, "Bad Gateway")
-        if _normal_host(host) not in self.allowed_hosts and not all(self._public(info[4][0]) for info in infos):
-            # Not which address: a job must not learn the worker's internal names this way.
-            self._record(self.refusals, f"{host}: resolves to a loopback, private, link-local or multicast address "
-                                        f"({ALLOW_HINT})")  # fmt: skip
+        if not allowed and not (infos and all(self._public(info[4][0]) for info in infos)):
+            # One answer whether the name resolves to an internal address or not at all, and never
+            # which address: a job must not learn the worker's internal names this way.
+            self._record(self.refusals, f"{host}: does not resolve to a public address (loopback, private, "
+                                        f"link-local and multicast addresses are refused; {ALLOW_HINT})")  # fmt: skip
             raise _Refused(403, "Forbidden")
         return infos
 

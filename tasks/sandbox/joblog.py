@@ -35,6 +35,8 @@ class JobLog(Output):
         self._last_flush = 0.0
 
     def write(self, data: bytes) -> None:
+        if self.truncated:
+            return  # nothing more is kept: do not gather it either
         if not self._pending:
             self._pending_since = time.monotonic()
         self._pending += self._decoder.decode(data).replace("\0", REPLACEMENT)
@@ -56,10 +58,14 @@ class JobLog(Output):
         self._store(text.replace("\0", REPLACEMENT).rstrip("\n") + "\n")
 
     def flush(self, partial: bool = False) -> None:
-        cut = len(self._pending) if partial else self._pending.rfind("\n") + 1
+        # Whole lines; a line still without its end goes out anyway once it is long (output that never
+        # prints a newline must not gather without bound) or has waited PARTIAL_LINE_AFTER (tick).
+        cut = self._pending.rfind("\n") + 1
+        if partial or len(self._pending) - cut > MAX_PENDING:
+            cut = len(self._pending)
         text, self._pending = self._pending[:cut], self._pending[cut:]
-        self._pending_since = time.monotonic()
         if text:
+            self._pending_since = time.monotonic()
             self._store(text)
 
     def close(self) -> None:
@@ -70,7 +76,11 @@ class JobLog(Output):
         self._last_flush = time.monotonic()
         if self.truncated:
             return
-        data = text.encode()
+        try:
+            data = text.encode()
+        except UnicodeEncodeError:  # a lone surrogate (from a file name the platform notes)
+            text = "".join(REPLACEMENT if "\ud800" <= c <= "\udfff" else c for c in text)
+            data = text.encode()
         if self.offset + len(data) > self.limit:
             kept = data[: max(0, self.limit - self.offset)].decode(errors="ignore")
             text = f"{kept}\n[conveyor] log truncated: it is longer than {self.limit} bytes; the rest is not kept\n"

@@ -91,7 +91,10 @@ def drop_privileges(workspace: Workspace) -> list[str]:
             "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--"]  # fmt: skip
 
 
-def bwrap_argv(workspace: Workspace, env: dict[str, str], argv: list[str], ro_binds: Sequence[str] = ()) -> list[str]:
+Bind = str | tuple[str, str]  # a path shown read-only at the same place, or (source, place inside)
+
+
+def bwrap_argv(workspace: Workspace, env: dict[str, str], argv: list[str], ro_binds: Sequence[Bind] = ()) -> list[str]:
     # /tmp first: a mount made after the toolchain's would hide a toolchain that lives under /tmp.
     tmp = str(workspace.root / "tmp")
     wrapped = ["bwrap", "--proc", "/proc", "--dev", "/dev", "--bind", tmp, "/tmp", "--ro-bind", "/usr", "/usr"]  # noqa: S108
@@ -107,11 +110,12 @@ def bwrap_argv(workspace: Workspace, env: dict[str, str], argv: list[str], ro_bi
             wrapped += ["--ro-bind", f"/etc/{name}", f"/etc/{name}"]
     for name in ("passwd", "group"):
         wrapped += ["--ro-bind", str(workspace.root / name), f"/etc/{name}"]
-    for path in [*toolchain_paths(), *ro_binds]:
+    for bind in [*toolchain_paths(), *ro_binds]:
+        source, place = (bind, bind) if isinstance(bind, str) else bind
         # Parents that bwrap would create are root-only (0700); the job's user must pass them.
-        for parent in reversed(Path(path).parents[:-1]):
+        for parent in reversed(Path(place).parents[:-1]):
             wrapped += ["--perms", "0755", "--dir", str(parent)]
-        wrapped += ["--ro-bind", path, path]
+        wrapped += ["--ro-bind", source, place]
     wrapped += [
         "--bind", str(workspace.root), str(INNER_ROOT), "--chdir", workspace.inner(workspace.src),
         "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
@@ -157,7 +161,7 @@ class Output:
 
 
 def confined_argv(
-    argv: list[str], workspace: Workspace, env: dict[str, str], ro_binds: Sequence[str] = ()
+    argv: list[str], workspace: Workspace, env: dict[str, str], ro_binds: Sequence[Bind] = ()
 ) -> tuple[list[str], dict[str, str]]:
     """The argv and environment that run `argv` confined in `workspace`."""
     if workspace.sandbox == "bwrap":
@@ -177,7 +181,7 @@ def run_command(
     env: dict[str, str] | None = None,
     cpu_seconds: int = 3600,
     timeout: float | None = None,
-    ro_binds: Sequence[str] = (),
+    ro_binds: Sequence[Bind] = (),
 ) -> int:
     """Run a job's command confined in `workspace`; stream its output; return its exit code.
 

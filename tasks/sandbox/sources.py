@@ -7,6 +7,7 @@ host itself and connects only to globally routable addresses (or to hosts in
 JOB_GIT_ALLOWED_HOSTS), counting the bytes received against JOB_GIT_MAX_BYTES.
 """
 
+import os
 import re
 import shlex
 import time
@@ -18,9 +19,10 @@ from django.conf import settings
 from apps.jobs.archives import ArchiveError, extract, write_files
 from apps.jobs.errors import PermanentError, RetryableError
 from apps.jobs.models import Job, Upload
+from tasks.sandbox.confinement import egress_socket
 from tasks.sandbox.egress import RELAY_SOURCE, EgressProxy
 from tasks.sandbox.joblog import JobLog
-from tasks.sandbox.runner import CommandTimedOut, Output, run_command
+from tasks.sandbox.runner import Bind, CommandTimedOut, Output, run_command
 from tasks.sandbox.workspace import Workspace
 
 # What git prints when the repository or ref does not exist: another attempt would not help.
@@ -29,7 +31,7 @@ MISSING = re.compile(
     r"|Could not read from remote repository|unable to find|invalid refspec|not a valid object name",
     re.IGNORECASE,
 )
-PROXY_SOCKET = "egress.sock"  # in the work directory's root: the platform's, not the job's
+INNER_SOCKET = Path("/run/conveyor-egress.sock")  # where the sandbox sees the proxy's socket
 
 
 class Captured(Output):
@@ -65,6 +67,18 @@ def fetch(job: Job, workspace: Workspace, log: JobLog) -> None:
     workspace.hand_over()
 
 
+def file_repository(url: str) -> str:
+    """The real path of a file:// repository, if it lies in one of JOB_GIT_FILE_ROOTS; PermanentError
+    otherwise (what the URL names is mounted into the sandbox: it must not be /, /proc or /root)."""
+    path = os.path.realpath(urlsplit(url).path)
+    for root in settings.JOB_GIT_FILE_ROOTS:
+        real_root = os.path.realpath(root)
+        if real_root != "/" and os.path.commonpath([path, real_root]) == real_root and path != real_root:
+            return path
+    roots = ", ".join(settings.JOB_GIT_FILE_ROOTS) or "none configured"
+    raise PermanentError(f"git: {url}: file:// repositories must lie in JOB_GIT_FILE_ROOTS ({roots})")
+
+
 def clone(url: str, ref: str, workspace: Workspace, log: JobLog) -> None:
     """A shallow fetch of one ref (branch, tag or commit) and a checkout of it, in the sandbox."""
     parts = urlsplit(url)
@@ -77,11 +91,13 @@ def clone(url: str, ref: str, workspace: Workspace, log: JobLog) -> None:
         "GIT_ALLOW_PROTOCOL": parts.scheme,  # no other transport, whatever the repository says
     }
     options = ["-c", "advice.detachedHead=false", "-c", "init.defaultBranch=main"]
-    binds: list[str] = []
+    binds: list[Bind] = []
     if parts.scheme == "file":
         # A repository on the worker's disk (opt-in), read-only, owned by someone else than the job:
         # git reads `safe.directory` from its global configuration only, not from `-c`.
-        binds.append(parts.path)
+        repository = file_repository(url)
+        binds.append(repository)
+        url = f"file://{repository}"
         config = workspace.root / "gitconfig"
         config.write_text("[safe]\n\tdirectory = *\n")
         config.chmod(0o644)
@@ -96,16 +112,19 @@ def clone(url: str, ref: str, workspace: Workspace, log: JobLog) -> None:
     if parts.scheme == "file":
         _git(fetch, workspace, log, env, binds, deadline, url=url, ref=ref)
     else:
-        socket_path = workspace.root / PROXY_SOCKET
+        socket_path = egress_socket(workspace.slot.number if workspace.slot else None)
+        inner = socket_path if workspace.sandbox != "bwrap" else INNER_SOCKET
         proxy = EgressProxy(
             str(socket_path),
             allowed_hosts=settings.JOB_GIT_ALLOWED_HOSTS,
             max_bytes=settings.JOB_GIT_MAX_BYTES,
             deadline=deadline,
+            ports=frozenset(settings.JOB_GIT_PORTS),
         )
-        relay = ["python", "-I", "-c", RELAY_SOURCE, workspace.inner(socket_path), "--"]
+        relay = ["python", "-I", "-c", RELAY_SOURCE, str(inner), "--"]
         with proxy:
-            _git(fetch, workspace, log, env, binds, deadline, url=url, ref=ref, relay=relay, proxy=proxy)
+            binds_with_socket = [*binds, (str(socket_path), str(INNER_SOCKET))]
+            _git(fetch, workspace, log, env, binds_with_socket, deadline, url=url, ref=ref, relay=relay, proxy=proxy)
     _git(["git", *options, "checkout", "-q", "FETCH_HEAD"], workspace, log, env, binds, deadline)
 
 
@@ -114,7 +133,7 @@ def _git(
     workspace: Workspace,
     log: JobLog,
     env: dict[str, str],
-    binds: list[str],
+    binds: list[Bind],
     deadline: float,
     *,
     url: str = "",

@@ -15,9 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from apps.jobs.errors import PermanentError, RetryableError
+from tasks.interrupts import uninterrupted
 from tasks.sandbox import processes
 from tasks.sandbox.confinement import (
     Capabilities,
+    DiskUnavailable,
     Limits,
     Slot,
     SlotsBusy,
@@ -72,9 +74,11 @@ class Workspace:
             except SlotsBusy as exc:
                 raise RetryableError(str(exc)) from None
             if caps.disk:
-                make_disk(
-                    caps.disk, root, root.with_suffix(".img"), workspace.limits.disk_bytes, workspace.limits.max_files
-                )
+                limits = workspace.limits
+                try:
+                    make_disk(caps.disk, root, root.with_suffix(".img"), limits.disk_bytes, limits.max_files)
+                except DiskUnavailable as exc:
+                    raise RetryableError(str(exc)) from None
             os.chmod(root, 0o711)  # noqa: S103 (the job passes through to its dirs)
             uid = workspace.uid
             for name in ("src", "out", "home", "tmp"):
@@ -169,9 +173,15 @@ class Workspace:
             processes.kill_marker(self.marker)
 
     def remove(self) -> None:
-        self.kill_processes()
-        try:
-            remove_disk(self.root, self.root.with_suffix(".img"))
-        finally:
-            if self.slot:
-                self.slot.release()
+        """Kill what is left of the job, unmount and delete its disk, release its slot: not to be cut
+        in the middle by a cancel (a disk left mounted would be lost for good). If the disk cannot be
+        removed now, the slot keeps its record and whoever takes the slot next removes it."""
+        with uninterrupted():
+            removed = False
+            try:
+                self.kill_processes()
+                remove_disk(self.root, self.root.with_suffix(".img"))
+                removed = True
+            finally:
+                if self.slot:
+                    self.slot.release(forget=removed)
