@@ -41,6 +41,9 @@ RETRYABLE = (RetryableError, ConnectionError, TimeoutError)
 # while the database is unreachable, before the message is handed back to the broker.
 WRITE_TRIES = 5
 WRITE_PAUSE = 0.5
+# Celery's soft time limit is armed a moment before the claim that starts our own clock: an attempt
+# that ends this close to its deadline has met Celery's limit (some SDKs hide it behind another error).
+DEADLINE_TOLERANCE = 0.5
 T = TypeVar("T")
 
 
@@ -167,6 +170,9 @@ class Heartbeat:
             time.sleep(min(interval, settings.JOBS_PROGRESS_MIN_INTERVAL_SECONDS))
             with self._lock:
                 watched = list(self._watched.values())
+            if not watched:
+                connection.close()  # no job to watch: hold no database connection meanwhile
+                continue
             for w in watched:
                 if w.lost:
                     continue
@@ -285,7 +291,7 @@ def run(job_id: str, *, task_id: str, worker: str) -> str | None:
     if job is None:
         log.info("job %s not claimable (already claimed, finished, cancelled or not due)", job_id)
         return None
-    deadline = time.monotonic() + job.timeout_seconds
+    deadline = time.monotonic() + job.timeout_seconds - min(DEADLINE_TOLERANCE, job.timeout_seconds / 4)
     record_claim_order(job)
     reporter = Reporter(job)
     watched: Watched | None = None
