@@ -135,6 +135,10 @@ if BROKER_IS_REDIS:
     # Redis would otherwise hand a still-running job's message to a second worker. Lost workers
     # are detected sooner and independently, by the reconciler, through job heartbeats.
     CELERY_BROKER_TRANSPORT_OPTIONS = {
+        # An unreachable broker costs a submission two seconds, not a hung request (the job's row
+        # is written either way, and the reconciler publishes it once the broker answers).
+        "socket_connect_timeout": 2,
+        "max_retries": 1,
         "priority_steps": [0, 3, 6, 9],
         "sep": ":",
         "queue_order_strategy": "priority",

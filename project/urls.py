@@ -8,3 +8,5 @@ urlpatterns = [
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
     path("api/", include("apps.jobs.api.urls")),
 ]
+
+handler500 = "apps.jobs.api.errors.server_error"

@@ -4,15 +4,18 @@ Tests that need the worker must use `django_db(transaction=True)`: the worker is
 and only sees committed rows.
 """
 
+import contextlib
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -144,6 +147,112 @@ class BeatProcess:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         self.proc = None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class PrivateRedis:
+    """A redis-server of this test's own, which it may restart (losing everything, as without AOF)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.port = _free_port()
+        self.folder = folder
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [shutil.which("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.folder)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        wait_for(lambda: self._answers(), timeout=10, what="the private Redis to answer")
+
+    def _answers(self) -> bool:
+        try:
+            return redis.Redis(port=self.port, socket_timeout=0.2).ping()
+        except redis.RedisError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+            self.proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+@contextmanager
+def publishing_to(url: str) -> Iterator[None]:
+    """This process's Celery app (which publishes what the API submits) pointed at another broker."""
+
+    def switch(to: str) -> None:
+        current_app.conf.broker_url = to
+        current_app._pool = None  # kombu keeps a pool per broker; the app's, and its producers', are made again
+
+        current_app.amqp._producer_pool = None
+
+    previous = current_app.conf.broker_url
+    switch(url)
+    try:
+        yield
+    finally:
+        switch(previous)
+
+
+class PrivatePostgres:
+    """A throwaway PostgreSQL cluster (initdb, pg_ctl) on a free port, which a test may stop and start."""
+
+    def __init__(self) -> None:
+        binaries = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+        if not binaries:
+            raise AssertionError("the outage tests need PostgreSQL's server binaries (initdb, pg_ctl)")
+        self.bin = binaries[-1].parent
+        self.port = _free_port()
+        self.folder = Path(tempfile.mkdtemp(prefix="conveyor-pg-"))
+        self.folder.chmod(0o755)
+        self._as_postgres = (
+            ["setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups"] if os.geteuid() == 0 else []
+        )
+        if self._as_postgres:
+            shutil.chown(self.folder, "postgres", "postgres")
+
+    @property
+    def url(self) -> str:
+        return f"postgres://postgres@127.0.0.1:{self.port}/conveyor"
+
+    def _run(self, *argv: str) -> None:
+        subprocess.run([*self._as_postgres, *argv], check=True, capture_output=True, cwd=self.folder)
+
+    def create(self) -> None:
+        self._run(
+            str(self.bin / "initdb"), "-D", str(self.folder / "data"), "-U", "postgres", "--auth=trust", "-E", "UTF8"
+        )
+        self.start()
+        self._run(str(self.bin / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "conveyor")
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 -c fsync=off"
+        self._run(str(self.bin / "pg_ctl"), "-D", str(self.folder / "data"), "-o", options, "-l",
+                  str(self.folder / "server.log"), "-w", "start")  # fmt: skip
+
+    def stop(self) -> None:
+        self._run(str(self.bin / "pg_ctl"), "-D", str(self.folder / "data"), "-m", "fast", "-w", "stop")
+
+    def remove(self) -> None:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            self.stop()
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 @pytest.fixture

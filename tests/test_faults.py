@@ -2,21 +2,15 @@
 on a busy queue, every worker slot busy, broker blips and restarts, a worker shutting down."""
 
 import os
-import shutil
 import signal
-import socket
 import statistics
-import subprocess
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import redis
-from celery import current_app
 from django.conf import settings
 from django.contrib.auth.models import User
 from django.db import connection
@@ -26,7 +20,7 @@ from apps.jobs import lifecycle
 from apps.jobs.models import Job
 from apps.jobs.reconciler import CLAIM_ORDER_SLACK_SECONDS
 from apps.jobs.services import build_job
-from tests.conftest import BeatProcess, WorkerProcess, wait_final, wait_for
+from tests.conftest import BeatProcess, PrivateRedis, WorkerProcess, publishing_to, wait_final, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -145,67 +139,6 @@ def test_a_broker_blip_does_not_restart_a_running_job(worker: WorkerProcess, use
 
 
 # --- a broker that restarts -----------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class PrivateRedis:
-    """A redis-server of this test's own, which it may restart (losing everything, as without AOF)."""
-
-    def __init__(self, folder: Path) -> None:
-        self.port = _free_port()
-        self.folder = folder
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [shutil.which("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.folder)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        wait_for(lambda: self._answers(), timeout=10, what="the private Redis to answer")
-
-    def _answers(self) -> bool:
-        try:
-            return redis.Redis(port=self.port, socket_timeout=0.2).ping()
-        except redis.RedisError:
-            return False
-
-    def stop(self) -> None:
-        if self.proc:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
-            self.proc = None
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
-
-@contextmanager
-def publishing_to(url: str) -> Iterator[None]:
-    """This process's Celery app (which publishes what the API submits) pointed at another broker."""
-
-    def switch(to: str) -> None:
-        current_app.conf.broker_url = to
-        current_app._pool = None  # kombu keeps a pool per broker; the app's, and its producers', are made again
-
-        current_app.amqp._producer_pool = None
-
-    previous = current_app.conf.broker_url
-    switch(url)
-    try:
-        yield
-    finally:
-        switch(previous)
 
 
 @pytest.mark.usefixtures("no_shared_worker")
