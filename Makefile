@@ -44,6 +44,7 @@ bench: venv
 	$(PY) bench/throughput.py
 	$(PY) bench/builds.py
 	$(PY) bench/ai.py
+	$(PY) bench/streams.py
 
 clean:
 	rm -rf $(VENV) $(TOOLCHAIN) .run staticfiles

@@ -41,7 +41,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
-    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "project.middleware.StaticFiles",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -78,6 +78,12 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
         "timeout": 20,
         "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
     }
+elif DB_POOL_SIZE := env.int("DB_POOL_SIZE", default=0):
+    # A connection pool per process (psycopg's): what the ASGI web process uses, where requests run
+    # in threads of their own and a persistent connection per thread would pile up (the Procfile
+    # sets it for web). Django's persistent connections must be off with it.
+    DATABASES["default"]["OPTIONS"] = {"pool": {"min_size": 1, "max_size": DB_POOL_SIZE, "timeout": 10}}
+    DATABASES["default"]["CONN_MAX_AGE"] = 0
 else:
     DATABASES["default"].setdefault("CONN_MAX_AGE", env.int("DB_CONN_MAX_AGE", default=60))
     # No ping before each reuse (a round trip per request and per job): a connection that died with
@@ -177,6 +183,8 @@ JOBS_MAX_REQUEST_BYTES = env.int("JOBS_MAX_REQUEST_BYTES", default=32 * 1024 * 1
 JOBS_MAX_BATCH = env.int("JOBS_MAX_BATCH", default=10_000)
 JOBS_SUBMIT_RATE = env.str("JOBS_SUBMIT_RATE", default="600/min")
 JOBS_READ_RATE = env.str("JOBS_READ_RATE", default="6000/min")
+# Server-Sent Events streams a user may hold open at once, over every web process.
+JOBS_MAX_STREAMS_PER_USER = env.int("JOBS_MAX_STREAMS_PER_USER", default=20)
 # Hosts that job callbacks may call (exact names; "*" for any). Empty: callbacks are refused.
 CALLBACK_ALLOWED_HOSTS = env.list("CALLBACK_ALLOWED_HOSTS", default=[])
 CALLBACK_TIMEOUT_SECONDS = env.float("CALLBACK_TIMEOUT_SECONDS", default=10.0)
@@ -277,6 +285,31 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
+    # The event stream is an async Django view (no thread per open stream), which drf-spectacular
+    # does not inspect: described here.
+    "APPEND_PATHS": {
+        "/api/jobs/{id}/stream/": {
+            "get": {
+                "operationId": "jobs_stream_retrieve",
+                "summary": "Server-Sent Events of a job: status, log, progress, text, then end",
+                "tags": ["jobs"],
+                "parameters": [
+                    {"name": "id", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}},
+                    {
+                        "name": "offset",
+                        "in": "query",
+                        "description": "Start the log from this byte (default 0).",
+                        "schema": {"type": "integer", "minimum": 0},
+                    },
+                ],
+                "security": [{"tokenAuth": []}, {"cookieAuth": []}],
+                "responses": {
+                    "200": {"content": {"text/event-stream": {"schema": {"type": "string"}}}, "description": ""},
+                    "429": {"description": "Too many open streams (JOBS_MAX_STREAMS_PER_USER), or throttled."},
+                },
+            }
+        }
+    },
 }
 
 # --- Static files, i18n, logging -------------------------------------------------------------

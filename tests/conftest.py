@@ -14,6 +14,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -208,6 +210,43 @@ def publishing_to(url: str) -> Iterator[None]:
         yield
     finally:
         switch(previous)
+
+
+class Web:
+    """The web process, as a deployment starts it, on a free port."""
+
+    def __init__(self, env: dict[str, str], folder: Path) -> None:
+        self.port = _free_port()
+        log = open(folder / "web.log", "ab")  # noqa: SIM115 (the child keeps it)
+        # As the Procfile starts it: gunicorn managing one uvicorn (ASGI) worker process, a pool of
+        # database connections.
+        env = {"DB_POOL_SIZE": "8", **env}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "project.asgi:application", "-k", "project.asgi.Worker",
+             "--bind", f"127.0.0.1:{self.port}", "--workers", "1"],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        wait_for(lambda: self.request("GET", "/api/health/", "")[0] in (200, 503), timeout=30, what="web to answer")
+
+    def request(self, method: str, path: str, token: str, body: dict | None = None) -> tuple[int, object]:
+        headers = {"Content-Type": "application/json"} | ({"Authorization": f"Token {token}"} if token else {})
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data, headers, method=method)
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 (our own server)
+                return response.status, json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as exc:
+            raw = exc.read()
+            try:
+                return exc.code, json.loads(raw)
+            except ValueError:
+                return exc.code, raw.decode(errors="replace")
+        except OSError:
+            return 0, None
+
+    def stop(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        self.proc.wait(10)
 
 
 class PrivatePostgres:

@@ -2,14 +2,19 @@
 tests run inside a transaction that never commits, so nothing is published."""
 
 import json
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from django.contrib.auth.models import User
 from django.core.management import call_command
+from django.utils import timezone
 from rest_framework.test import APIClient
 
+from apps.jobs import lifecycle
+from apps.jobs.api.serializers import JobSerializer
 from apps.jobs.models import Job, JobEvent
+from apps.jobs.services import build_job
 from tests.conftest import client_for
 
 pytestmark = pytest.mark.django_db
@@ -269,3 +274,19 @@ def test_the_openapi_schema_is_valid_and_generates_without_warnings(tmp_path: Pa
     schema = (tmp_path / "schema.yaml").read_text()
     for path in ("/api/uploads/", "/api/jobs/{id}/log/", "/api/jobs/{id}/stream/", "/api/jobs/{id}/artifacts/{name}"):
         assert f"{path}:" in schema
+
+
+def test_the_written_out_job_representation_is_drfs_own(api: APIClient, user: User) -> None:
+    parent = lifecycle.create_jobs([build_job(user, {"kind": "echo", "payload": {"message": "p"}})])[0]
+    specs = [
+        {"kind": "echo", "payload": {"message": 'é \\ "q"', "sleep_ms": 5}, "priority": "high"},
+        {"kind": "echo", "payload": {"message": "later"}, "run_at": timezone.now() + timedelta(hours=1),
+         "idempotency_key": "k-1", "parent": parent, "callback_url": "http://127.0.0.1/cb"},
+    ]  # fmt: skip
+    jobs = lifecycle.create_jobs([build_job(user, spec) for spec in specs])
+    claimed = lifecycle.claim(jobs[0].pk, task_id="t", worker="w@host", process="h:1")
+    lifecycle.succeed(claimed, {"nested": [1, 2.5, None, {"a": "b"}]})
+
+    for job in Job.objects.select_related("owner").filter(pk__in=[parent.pk, *(j.pk for j in jobs)]):
+        serializer = JobSerializer()
+        assert serializer.to_representation(job) == serializer.to_representation_by_fields(job)

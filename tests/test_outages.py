@@ -1,14 +1,9 @@
 """The API and the workers through an outage of Redis (the broker, live events, throttling counters)
 and of PostgreSQL: each on a server of the test's own, which it stops and starts again."""
 
-import json
-import os
-import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -22,8 +17,8 @@ from tests.conftest import (
     BeatProcess,
     PrivatePostgres,
     PrivateRedis,
+    Web,
     WorkerProcess,
-    _free_port,
     publishing_to,
     wait_final,
     wait_for,
@@ -78,40 +73,6 @@ def test_the_api_answers_while_redis_is_down_and_every_job_runs_once_it_is_back(
     assert over.status_code == 429
     assert {job.status for job in ran} == {Job.Status.SUCCEEDED}
     assert all(job.attempts == 1 for job in ran)
-
-
-class Web:
-    """The web process, as a deployment starts it, on a free port."""
-
-    def __init__(self, env: dict[str, str], folder: Path) -> None:
-        self.port = _free_port()
-        log = open(folder / "web.log", "ab")  # noqa: SIM115 (the child keeps it)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "project.wsgi", "--bind", f"127.0.0.1:{self.port}", "--workers", "1",
-             "--threads", "8"],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-        wait_for(lambda: self.request("GET", "/api/health/", "")[0] in (200, 503), timeout=30, what="web to answer")
-
-    def request(self, method: str, path: str, token: str, body: dict | None = None) -> tuple[int, object]:
-        headers = {"Content-Type": "application/json"} | ({"Authorization": f"Token {token}"} if token else {})
-        data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data, headers, method=method)
-        try:
-            with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 (our own server)
-                return response.status, json.loads(response.read() or b"null")
-        except urllib.error.HTTPError as exc:
-            raw = exc.read()
-            try:
-                return exc.code, json.loads(raw)
-            except ValueError:
-                return exc.code, raw.decode(errors="replace")
-        except OSError:
-            return 0, None
-
-    def stop(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        self.proc.wait(10)
 
 
 @pytest.mark.usefixtures("no_shared_worker")

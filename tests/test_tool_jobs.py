@@ -238,7 +238,7 @@ def test_the_log_streams_live_over_server_sent_events(worker: WorkerProcess, api
 
     assert response.status_code == 200
     assert response["Content-Type"] == "text/event-stream"
-    body = b"".join(response.streaming_content).decode()
+    body = b"".join(response).decode()  # an async stream, consumed here
     events = [event for event, _ in sse_events(body)]
     assert events[0] == "status"
     assert events[-1] == "end"
@@ -376,7 +376,7 @@ def test_any_bytes_a_tool_prints_are_kept_and_the_job_succeeds(worker: WorkerPro
     job_id = submit(api, "test", {"files": {"odd.py": script}}, command=["python", "odd.py"])
 
     stream = api.get(f"/api/jobs/{job_id}/stream/", HTTP_ACCEPT="text/event-stream")
-    body = b"".join(stream.streaming_content).decode()
+    body = b"".join(stream).decode()
     job = wait_final(job_id)
 
     assert job.status == Job.Status.SUCCEEDED, job.error

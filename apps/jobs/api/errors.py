@@ -10,13 +10,8 @@ from rest_framework.exceptions import APIException
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
+from apps.jobs.api.parsers import RequestTooLarge
 from apps.jobs.services import JobConflict
-
-
-class RequestTooLarge(APIException):
-    status_code = status.HTTP_413_REQUEST_ENTITY_TOO_LARGE
-    default_detail = "Request body too large."
-    default_code = "too_large"
 
 
 class DatabaseUnavailable(APIException):

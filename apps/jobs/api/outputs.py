@@ -1,26 +1,20 @@
 """What a job produces, read through the API: its log, its live event stream, its artifacts; and
 source uploads for build, test and lint jobs."""
 
-import json
-import time
-from collections.abc import Iterator
-
 from django.conf import settings
-from django.http import FileResponse, StreamingHttpResponse
+from django.http import FileResponse
 from django.shortcuts import get_object_or_404
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
 from rest_framework import serializers, status
-from rest_framework.decorators import api_view, parser_classes, renderer_classes, throttle_classes
+from rest_framework.decorators import api_view, parser_classes, throttle_classes
 from rest_framework.exceptions import ValidationError
 from rest_framework.parsers import MultiPartParser
-from rest_framework.renderers import BaseRenderer, JSONRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from apps.jobs import live, logs, services
-from apps.jobs.api.errors import RequestTooLarge
-from apps.jobs.api.parsers import refuse_declared_over
+from apps.jobs import logs, services
+from apps.jobs.api.parsers import OffsetError, RequestTooLarge, parse_offset, refuse_declared_over
 from apps.jobs.api.throttles import ReadThrottle, SubmitThrottle
 from apps.jobs.archives import ArchiveError
 from apps.jobs.models import Artifact, Job
@@ -46,91 +40,13 @@ def job_log(request: Request, pk: str) -> Response:
     """The job's output from byte `offset`. `offset` in the answer is where to continue; `complete`
     is true once the job has finished and everything has been read."""
     job = _job(request, pk)
-    raw = request.query_params.get("offset", "0")
-    if not raw.isdigit():
-        raise ValidationError({"offset": ["A non-negative integer is required."]})
-    text, end = logs.read(job, int(raw), LOG_PAGE_BYTES)
+    try:
+        offset = parse_offset(request.query_params.get("offset"))
+    except OffsetError as exc:
+        raise ValidationError({"offset": [str(exc)]}) from None
+    text, end = logs.read(job, offset, LOG_PAGE_BYTES)
     complete = job.is_final and end >= logs.end_offset(job.pk)
     return Response({"offset": end, "text": text, "complete": complete})
-
-
-class EventStreamRenderer(BaseRenderer):
-    media_type = "text/event-stream"
-    format = "sse"
-
-    def render(
-        self, data: object, accepted_media_type: str | None = None, renderer_context: dict | None = None
-    ) -> bytes:
-        return json.dumps(data).encode()  # errors (401, 404) before the stream starts
-
-
-def sse(event: str, data: dict) -> str:
-    return f"event: {event}\ndata: {json.dumps(data, default=str)}\n\n"
-
-
-def _snapshot(job: Job) -> dict:
-    fields = ("status", "progress", "progress_message", "result", "error")
-    return {name: getattr(job, name) for name in fields}
-
-
-def job_events(job: Job, offset: int) -> Iterator[str]:
-    """`status` first, the stored log from `offset`, an AI job's text so far, then live `log`,
-    `progress`, `status` and `text` events until the job is final: then `end` with its last state."""
-    with live.subscription(job.pk) as subscription:  # subscribe before reading, so nothing falls between
-        job.refresh_from_db()
-        yield sse("status", _snapshot(job))
-        while True:
-            text, end = logs.read(job, offset, LOG_PAGE_BYTES)
-            if not text:
-                break
-            yield sse("log", {"offset": offset, "text": text})
-            offset = end
-        # (attempt, bytes) of generated text already sent; a live piece starting before that is not new.
-        text_sent = (job.attempts, 0)
-        generating = job.kind == "ai_generate" and job.status == Job.Status.RUNNING
-        if generating and (so_far := live.text_so_far(job.pk, job.attempts)):
-            yield sse("text", {"attempt": job.attempts, "offset": 0, "delta": so_far})
-            text_sent = (job.attempts, len(so_far.encode()))
-        quiet_since = time.monotonic()
-        while not job.is_final:
-            message = subscription.get_message(timeout=1.0)
-            if message is None:
-                job.refresh_from_db()  # the row is the truth: this catches a status event that was missed
-                if time.monotonic() - quiet_since >= KEEPALIVE_SECONDS:
-                    quiet_since = time.monotonic()
-                    yield ": keepalive\n\n"
-                continue
-            event = json.loads(message["data"])
-            kind = event.pop("type", "message")
-            if kind == "log":
-                if event["offset"] < offset:
-                    continue  # already sent from the stored log
-                offset = event["offset"] + len(event["text"].encode())
-            elif kind == "text" and event["attempt"] == text_sent[0] and event["offset"] < text_sent[1]:
-                continue  # already sent with the text so far
-            quiet_since = time.monotonic()
-            yield sse(kind, event)
-            if kind == "status":
-                job.refresh_from_db()
-        yield sse("end", _snapshot(job))
-
-
-@extend_schema(
-    parameters=[OpenApiParameter("offset", int, description="Start the log from this byte (default 0).")],
-    responses={(200, "text/event-stream"): OpenApiTypes.STR},
-)
-@api_view(["GET"])
-@renderer_classes([EventStreamRenderer, JSONRenderer])
-@throttle_classes([ReadThrottle])
-def job_stream(request: Request, pk: str) -> StreamingHttpResponse:
-    """Server-Sent Events: `status`, `log`, `progress`, ... until the job is final, then `end`."""
-    job = _job(request, pk)
-    raw = request.query_params.get("offset", "0")
-    offset = int(raw) if raw.isdigit() else 0
-    response = StreamingHttpResponse(job_events(job, offset), content_type="text/event-stream")
-    response["Cache-Control"] = "no-cache"
-    response["X-Accel-Buffering"] = "no"  # nginx: pass events through as they come
-    return response
 
 
 @extend_schema(responses={(200, "application/octet-stream"): OpenApiTypes.BINARY})

@@ -2,9 +2,15 @@ import io
 from typing import Any
 
 from django.conf import settings
+from rest_framework import status
+from rest_framework.exceptions import APIException
 from rest_framework.parsers import JSONParser
 
-from apps.jobs.api.errors import RequestTooLarge
+
+class RequestTooLarge(APIException):
+    status_code = status.HTTP_413_REQUEST_ENTITY_TOO_LARGE
+    default_detail = "Request body too large."
+    default_code = "too_large"
 
 
 def refuse_declared_over(parser_context: dict | None, limit: int, message: str) -> None:
@@ -30,3 +36,17 @@ class LimitedJSONParser(JSONParser):
         if len(body) > limit:
             raise RequestTooLarge(f"Request body is larger than {limit} bytes.")
         return super().parse(io.BytesIO(body), media_type, parser_context)
+
+
+class OffsetError(ValueError):
+    pass
+
+
+def parse_offset(raw: str | None) -> int:
+    """A byte offset given in a query string (the log and the event stream take one): absent is 0,
+    anything but a non-negative integer is an error, not a silent 0."""
+    if raw is None or raw == "":
+        return 0
+    if not raw.isdigit() or len(raw) > 18:
+        raise OffsetError("A non-negative integer is required.")
+    return int(raw)

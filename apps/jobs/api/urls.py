@@ -2,7 +2,7 @@ from django.urls import path
 from rest_framework.routers import DefaultRouter
 
 from apps.credentials.api import CredentialViewSet
-from apps.jobs.api import ai, outputs
+from apps.jobs.api import ai, outputs, streams
 from apps.jobs.api.health import health
 from apps.jobs.api.views import JobViewSet
 
@@ -16,7 +16,7 @@ urlpatterns = [
     path("ai/generate/", ai.generate, name="ai-generate"),
     path("personas/", ai.personas, name="personas"),
     path("jobs/<uuid:pk>/log/", outputs.job_log, name="job-log"),
-    path("jobs/<uuid:pk>/stream/", outputs.job_stream, name="job-stream"),
+    path("jobs/<uuid:pk>/stream/", streams.job_stream, name="job-stream"),
     path("jobs/<uuid:pk>/artifacts/<path:name>", outputs.job_artifact, name="job-artifact"),
     *router.urls,
 ]
