@@ -290,3 +290,76 @@ def test_the_written_out_job_representation_is_drfs_own(api: APIClient, user: Us
     for job in Job.objects.select_related("owner").filter(pk__in=[parent.pk, *(j.pk for j in jobs)]):
         serializer = JobSerializer()
         assert serializer.to_representation(job) == serializer.to_representation_by_fields(job)
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "words"),
+    [
+        ({"kind": "nope", "payload": {}}, "kind", "the kinds are: ai_generate, build, echo, lint, test"),
+        ({"kind": "echo", "payload": {"message": "m"}, "priorty": "high"}, "priorty", "Unknown field."),
+        ({"kind": "echo", "payload": {"message": "m"}, "idempotency_key": "k" * 201}, "idempotency_key", "200"),
+    ],
+)
+def test_bad_job_fields_are_a_400_naming_the_field_and_why(api: APIClient, body: dict, field: str, words: str) -> None:
+    response = api.post("/api/jobs/", body, format="json")
+
+    assert response.status_code == 400
+    assert words in str(response.json()[field])
+    assert Job.objects.count() == 0
+
+
+def test_an_idempotency_key_header_over_its_limit_is_a_400_not_cut(api: APIClient) -> None:
+    response = api.post(
+        "/api/jobs/", {"kind": "echo", "payload": {"message": "m"}}, format="json", HTTP_IDEMPOTENCY_KEY="k" * 201
+    )
+
+    assert response.status_code == 400
+    assert "Idempotency-Key" in response.json()
+    assert Job.objects.count() == 0
+
+
+def test_deeply_nested_json_is_a_400(api: APIClient) -> None:
+    for depth in (100, 100_000):
+        nested = "[" * depth + "]" * depth
+        body = f'{{"kind": "echo", "payload": {{"message": "m", "x": {nested}}}}}'
+
+        response = api.post("/api/jobs/", body, content_type="application/json")
+
+        assert response.status_code == 400, depth
+        assert "nested deeper than 64" in response.json()["detail"]
+
+
+def test_a_batch_over_the_limit_is_refused_before_any_item_is_read(api: APIClient, settings: object) -> None:
+    settings.JOBS_MAX_BATCH = 3
+    invalid_items = [{"kind": "nope"}] * 4  # each would be an error of its own if it were read
+
+    response = api.post("/api/jobs/batch/", {"jobs": invalid_items}, format="json")
+
+    assert response.status_code == 400
+    assert response.json() == {"jobs": ["At most 3 jobs per batch."]}
+
+
+def test_an_echo_message_as_long_as_the_payload_limit_allows_is_accepted(api: APIClient) -> None:
+    message = "x" * (1024 * 1024 - 100)
+
+    response = api.post("/api/jobs/", {"kind": "echo", "payload": {"message": message}}, format="json")
+
+    assert response.status_code == 201, response.content[:300]
+
+
+def test_a_cancel_is_answered_once_committed_even_if_the_revoke_broadcast_fails(
+    api: APIClient, user: User, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from celery import current_app
+
+    job = lifecycle.create_jobs([build_job(user, {"kind": "echo", "payload": {"message": "m"}})])[0]
+    lifecycle.claim(job.pk, task_id="t1", worker="w", process="h:1")
+
+    def broker_away(*args: object, **kwargs: object) -> None:
+        raise ConnectionError("Error 111 connecting to the broker")
+
+    monkeypatch.setattr(current_app.control, "revoke", broker_away)
+    response = api.post(f"/api/jobs/{job.pk}/cancel/")
+
+    assert response.status_code == 200
+    assert response.json()["status"] == "cancelled"

@@ -1,16 +1,26 @@
 import pytest
 from rest_framework.test import APIClient
 
-from tests.conftest import WorkerProcess
+from tests.conftest import WorkerProcess, client_for
 
 
 @pytest.mark.django_db(transaction=True)
-def test_health_reports_database_broker_and_workers_without_auth(worker: WorkerProcess) -> None:
+def test_health_reports_database_broker_and_workers_without_auth_but_names_no_host(worker: WorkerProcess) -> None:
     response = APIClient().get("/api/health/")
 
     assert response.status_code == 200
     body = response.json()
-    assert body["database"] == body["broker"] == "ok"
+    assert body["database"] == body["broker"] == body["sandbox"] == "ok"
+    assert body["workers"] >= 1
+    assert "@" not in response.content.decode()  # no worker's host name
+
+
+@pytest.mark.django_db(transaction=True)
+def test_staff_see_which_workers_answered(worker: WorkerProcess, django_user_model: object) -> None:
+    staff = client_for(django_user_model.objects.create_user("operator", is_staff=True))
+
+    body = staff.get("/api/health/").json()
+
     assert any(name.startswith("test-") for name in body["workers"])
 
 

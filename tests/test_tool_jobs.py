@@ -367,7 +367,7 @@ def test_a_worker_without_bwrap_refuses_tool_jobs_and_says_so(
     assert "bwrap (bubblewrap) is not installed" in job.error["message"]
     assert "JOB_SANDBOX=rlimit" in job.error["message"]
     assert health.status_code == 503
-    assert "bwrap (bubblewrap) is not installed" in health.json()["sandbox"]
+    assert "unavailable on 1 worker(s): bwrap (bubblewrap) is not installed" in health.json()["sandbox"]
     assert "sandbox: NONE" in log.read_text()
 
 

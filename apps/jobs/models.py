@@ -105,6 +105,7 @@ class Job(models.Model):
                 name="job_owner_status_created",
             ),
             models.Index(fields=["status", "-created_at"], name="job_status_created"),
+            models.Index(fields=["-created_at"], name="job_created"),  # staff's list: every owner
             models.Index(fields=["parent"], name="job_parent", condition=Q(parent__isnull=False)),
             # The reconciler only looks at unfinished jobs; this index stays small however many
             # finished jobs pile up. Queued jobs are read by queue and priority in publish order.

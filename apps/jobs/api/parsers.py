@@ -3,7 +3,7 @@ from typing import Any
 
 from django.conf import settings
 from rest_framework import status
-from rest_framework.exceptions import APIException
+from rest_framework.exceptions import APIException, ParseError
 from rest_framework.parsers import JSONParser
 
 
@@ -35,7 +35,26 @@ class LimitedJSONParser(JSONParser):
         body = stream.read(limit + 1) if stream is not None else b""
         if len(body) > limit:
             raise RequestTooLarge(f"Request body is larger than {limit} bytes.")
-        return super().parse(io.BytesIO(body), media_type, parser_context)
+        try:
+            data = super().parse(io.BytesIO(body), media_type, parser_context)
+        except RecursionError:
+            raise ParseError(f"JSON parse error - nested deeper than {MAX_DEPTH} levels.") from None
+        check_depth(data)
+        return data
+
+
+MAX_DEPTH = 64  # of a request's JSON: deeper is no job's, and costs every reader of the payload
+
+
+def check_depth(data: Any) -> None:
+    """ParseError if `data` nests deeper than MAX_DEPTH (walked without recursion)."""
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict | list):
+            if depth > MAX_DEPTH:
+                raise ParseError(f"JSON parse error - nested deeper than {MAX_DEPTH} levels.")
+            stack.extend((child, depth + 1) for child in (value.values() if isinstance(value, dict) else value))
 
 
 class OffsetError(ValueError):

@@ -11,19 +11,34 @@ from apps.jobs.callbacks import host_allowed
 from apps.jobs.kinds import KINDS
 from apps.jobs.models import Job, JobEvent, Priority
 
+IDEMPOTENCY_KEY_MAX = 200
+
 
 class JobSubmitSerializer(serializers.Serializer):
-    """What a client may say about a new job. The payload is checked against its kind's schema."""
+    """What a client may say about a new job. The payload is checked against its kind's schema, and
+    a field this serializer does not know is an error, as in payloads: a typo is not a no-op."""
 
-    kind = serializers.ChoiceField(choices=sorted(KINDS))
+    kind = serializers.ChoiceField(
+        choices=sorted(KINDS),
+        error_messages={"invalid_choice": f'"{{input}}" is not a job kind; the kinds are: {", ".join(sorted(KINDS))}.'},
+    )
     priority = serializers.ChoiceField(choices=Priority.choices, default=Priority.NORMAL)
     payload = serializers.JSONField()
     max_attempts = serializers.IntegerField(min_value=1, max_value=25, required=False)
     timeout_seconds = serializers.IntegerField(min_value=1, required=False)
     run_at = serializers.DateTimeField(required=False, allow_null=True)
-    idempotency_key = serializers.CharField(max_length=200, required=False, allow_null=True, allow_blank=False)
+    idempotency_key = serializers.CharField(
+        max_length=IDEMPOTENCY_KEY_MAX, required=False, allow_null=True, allow_blank=False
+    )
     callback_url = serializers.URLField(max_length=500, required=False, allow_blank=True)
     parent = serializers.UUIDField(required=False, allow_null=True)
+
+    def to_internal_value(self, data: object) -> dict:
+        attrs = super().to_internal_value(data)  # refuses anything but a mapping
+        unknown = sorted(set(data) - set(self.fields))
+        if unknown:
+            raise serializers.ValidationError({name: ["Unknown field."] for name in unknown})
+        return attrs
 
     def validate_timeout_seconds(self, value: int) -> int:
         if value > settings.JOBS_MAX_TIMEOUT_SECONDS:
@@ -70,10 +85,12 @@ class JobSubmitSerializer(serializers.Serializer):
 class BatchSubmitSerializer(serializers.Serializer):
     jobs = JobSubmitSerializer(many=True, allow_empty=False)
 
-    def validate_jobs(self, value: list) -> list:
-        if len(value) > settings.JOBS_MAX_BATCH:
-            raise serializers.ValidationError(f"At most {settings.JOBS_MAX_BATCH} jobs per batch.")
-        return value
+    def to_internal_value(self, data: object) -> dict:
+        # The count is checked before any item is validated: 100,000 items are refused at once.
+        items = data.get("jobs") if isinstance(data, dict) else None
+        if isinstance(items, list) and len(items) > settings.JOBS_MAX_BATCH:
+            raise serializers.ValidationError({"jobs": [f"At most {settings.JOBS_MAX_BATCH} jobs per batch."]})
+        return super().to_internal_value(data)
 
 
 class UsernameField(serializers.ReadOnlyField):

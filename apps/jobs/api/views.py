@@ -2,6 +2,7 @@ from django.db.models import QuerySet
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
+from rest_framework.exceptions import ValidationError
 from rest_framework.pagination import CursorPagination
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -9,6 +10,7 @@ from rest_framework.throttling import BaseThrottle
 
 from apps.jobs import services
 from apps.jobs.api.serializers import (
+    IDEMPOTENCY_KEY_MAX,
     BatchSubmitSerializer,
     JobEventSerializer,
     JobSerializer,
@@ -32,7 +34,9 @@ def submit(request: Request, data: object) -> Response:
     submitted.is_valid(raise_exception=True)
     spec = dict(submitted.validated_data)
     if key := request.headers.get("Idempotency-Key"):
-        spec["idempotency_key"] = key[:200]
+        if len(key) > IDEMPOTENCY_KEY_MAX:
+            raise ValidationError({"Idempotency-Key": [f"At most {IDEMPOTENCY_KEY_MAX} characters."]})
+        spec["idempotency_key"] = key
     job, created = services.submit_job(request.user, spec)
     return Response(
         JobSerializer(job).data,
