@@ -68,27 +68,26 @@ TEMPLATES = [
 ]
 
 # --- Database -------------------------------------------------------------------------------
-# PostgreSQL (psycopg 3) when DATABASE_URL says so; a SQLite file otherwise. SQLite is shared by
-# the web process and the workers, so it runs in WAL mode, waits instead of failing on a lock, and
-# takes the write lock when a transaction starts (IMMEDIATE) so two writers never deadlock.
-DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{BASE_DIR / 'db.sqlite3'}")}
-if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
-    DATABASES["default"]["OPTIONS"] = {
-        "transaction_mode": "IMMEDIATE",
-        "timeout": 20,
-        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
-    }
-elif DB_POOL_SIZE := env.int("DB_POOL_SIZE", default=0):
+# PostgreSQL, from a laptop (`make run` starts a private one when none answers) to production: the
+# hot path's statements (RETURNING, COPY, the database's clock for leases) are PostgreSQL's.
+DATABASES = {"default": env.db("DATABASE_URL", default="postgres://postgres@127.0.0.1:5432/conveyor")}
+if DATABASES["default"]["ENGINE"] != "django.db.backends.postgresql":
+    raise ImproperlyConfigured("DATABASE_URL must name a PostgreSQL database (postgres://...)")
+if DB_POOL_SIZE := env.int("DB_POOL_SIZE", default=0):
     # A connection pool per process (psycopg's): what the ASGI web process uses, where requests run
     # in threads of their own and a persistent connection per thread would pile up (the Procfile
     # sets it for web). Django's persistent connections must be off with it.
-    DATABASES["default"]["OPTIONS"] = {"pool": {"min_size": 1, "max_size": DB_POOL_SIZE, "timeout": 10}}
+    # A request waits at most DB_POOL_TIMEOUT seconds for a connection: with the database down, the
+    # API answers 503 that soon.
+    timeout = env.float("DB_POOL_TIMEOUT", default=3.0)
+    DATABASES["default"]["OPTIONS"] = {"pool": {"min_size": 1, "max_size": DB_POOL_SIZE, "timeout": timeout}}
     DATABASES["default"]["CONN_MAX_AGE"] = 0
 else:
     DATABASES["default"].setdefault("CONN_MAX_AGE", env.int("DB_CONN_MAX_AGE", default=60))
     # No ping before each reuse (a round trip per request and per job): a connection that died with
     # a database restart fails once and is then replaced; workers retry their claim on a new one.
     DATABASES["default"]["CONN_HEALTH_CHECKS"] = env.bool("DB_CONN_HEALTH_CHECKS", default=False)
+
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Redis and Celery -----------------------------------------------------------------------

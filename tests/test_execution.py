@@ -22,6 +22,11 @@ from tests.fake_llm import FakeLLM
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
+@pytest.fixture
+def no_worker(no_shared_worker: None) -> None:
+    """These attempts run in this process: no worker may take their jobs first."""
+
+
 def queued(user: User, **fields: object) -> Job:
     spec = {"kind": "echo", "payload": {"message": "m"}, **fields}
     return lifecycle.create_jobs([build_job(user, spec)])[0]
@@ -32,6 +37,7 @@ def attempt(job: Job, handler: Callable, monkeypatch: pytest.MonkeyPatch) -> str
     return execution.run(str(job.pk), task_id="t1", worker="w1")
 
 
+@pytest.mark.usefixtures("no_worker")
 def test_an_error_after_the_deadline_is_a_timeout_never_a_retry(user: User, monkeypatch: pytest.MonkeyPatch) -> None:
     def sdk_that_turns_the_time_limit_into_a_connection_error(job: Job, report: Callable) -> dict:
         time.sleep(1.1)
@@ -46,6 +52,7 @@ def test_an_error_after_the_deadline_is_a_timeout_never_a_retry(user: User, monk
     assert stored.error == {"type": "TimeoutError", "message": "timed out after 1s"}
 
 
+@pytest.mark.usefixtures("no_worker")
 def test_the_hard_time_limits_signal_after_the_deadline_times_the_job_out(
     user: User, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -59,6 +66,7 @@ def test_the_hard_time_limits_signal_after_the_deadline_times_the_job_out(
     assert Job.objects.get(pk=job.pk).attempts == 1
 
 
+@pytest.mark.usefixtures("no_worker")
 def test_a_stop_before_the_deadline_hands_the_job_back(user: User, monkeypatch: pytest.MonkeyPatch) -> None:
     def stopped(job: Job, report: Callable) -> dict:
         raise JobInterrupted("stopped by signal SIGTERM")
@@ -70,6 +78,7 @@ def test_a_stop_before_the_deadline_hands_the_job_back(user: User, monkeypatch: 
     assert (stored.status, stored.attempts, stored.handbacks) == ("queued", 0, 1)
 
 
+@pytest.mark.usefixtures("no_worker")
 def test_a_result_the_database_refuses_ends_the_job_failed_with_the_reason(
     user: User, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -89,6 +98,7 @@ def test_a_result_the_database_refuses_ends_the_job_failed_with_the_reason(
     assert stored.lease is None
 
 
+@pytest.mark.usefixtures("no_worker")
 def test_an_outcome_that_cannot_be_written_leaves_the_message_unacknowledged(
     user: User, monkeypatch: pytest.MonkeyPatch
 ) -> None:

