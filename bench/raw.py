@@ -25,3 +25,21 @@ def noop(sent_at: float = 0.0, sleep_ms: int = 0, tag: str = "") -> None:
     if sleep_ms:
         time.sleep(sleep_ms / 1000)
     _client().incr("bench:done")
+
+
+@shared_task(name="bench.handwired")
+def handwired(job_id: str, message: str) -> None:
+    """The reference a user would otherwise build: a plain Celery task that claims a job row and
+    completes it with two ORM updates (no timeline, no lease, no live events, no progress)."""
+    from django.db.models import F
+    from django.utils import timezone
+
+    from apps.jobs.models import Job
+
+    claimed = Job.objects.filter(pk=job_id, status=Job.Status.QUEUED).update(
+        status=Job.Status.RUNNING, started_at=timezone.now(), attempts=F("attempts") + 1
+    )
+    if claimed:
+        Job.objects.filter(pk=job_id).update(
+            status=Job.Status.SUCCEEDED, result={"message": message}, finished_at=timezone.now()
+        )

@@ -31,6 +31,7 @@ import django  # noqa: E402
 
 django.setup()
 
+import psutil  # noqa: E402
 import redis  # noqa: E402
 from celery import current_app  # noqa: E402
 from django.apps import apps  # noqa: E402
@@ -95,6 +96,51 @@ def stop_worker(worker: subprocess.Popen) -> None:
         time.sleep(0.2)
 
 
+class CPU:
+    """CPU time used by the worker's main process, its pool processes, PostgreSQL, Redis and this
+    process (the submission) over a measurement, for where a job's time goes."""
+
+    def __init__(self, worker: subprocess.Popen) -> None:
+        self.worker = psutil.Process(worker.pid)
+        self.spent: dict[str, float] = {}
+
+    def _sample(self) -> dict[str, float]:
+        def used(processes) -> float:
+            total = 0.0
+            for process in processes:
+                try:
+                    times = process.cpu_times()
+                except psutil.Error:
+                    continue
+                total += times.user + times.system
+            return total
+
+        named = {"postgres": [], "redis": []}
+        for process in psutil.process_iter(["name"]):
+            for prefix in named:
+                if (process.info["name"] or "").startswith(prefix):
+                    named[prefix].append(process)
+        return {
+            "worker main": used([self.worker]),
+            "pool": used(self.worker.children(recursive=True)),
+            "postgres": used(named["postgres"]),
+            "redis": used(named["redis"]),
+            "bench": used([psutil.Process()]),
+        }
+
+    def __enter__(self) -> "CPU":
+        self._start, self._wall = self._sample(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        end = self._sample()
+        self.spent = {name: end[name] - self._start[name] for name in end}
+        self.spent["wall"] = time.perf_counter() - self._wall
+
+    def per_job(self, n: int) -> str:
+        return ", ".join(f"{name} {seconds / n * 1000:.2f}" for name, seconds in self.spent.items())
+
+
 def wait(condition, timeout: float = 600, interval: float = 0.01, what: str = "the condition") -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -123,6 +169,28 @@ def conveyor_throughput(api: APIClient) -> tuple[float, float]:
     wait(lambda: Job.objects.filter(status=Job.Status.SUCCEEDED).count() >= N, interval=0.05, what="jobs to succeed")
     done = time.perf_counter()
     return N / (accepted - start), N / (done - start)
+
+
+def handwired_throughput(user: User) -> float:
+    """The same job rows, inserted with `bulk_create` and driven by `bench.handwired` (one
+    `apply_async` each, after the commit): what a team would wire by hand."""
+    from django.db import transaction
+    from django.utils import timezone
+
+    from apps.jobs.services import build_job
+    from bench.raw import handwired
+
+    start = time.perf_counter()
+    jobs = [build_job(user, {"kind": "echo", "payload": {"message": "m"}}) for _ in range(N)]
+    now = timezone.now()
+    for job in jobs:
+        job.created_at = job.queued_at = now
+    with transaction.atomic():
+        Job.objects.bulk_create(jobs)
+    for job in jobs:
+        handwired.apply_async(args=[str(job.pk), job.payload["message"]], queue="default", priority=6)
+    wait(lambda: Job.objects.filter(status=Job.Status.SUCCEEDED).count() >= N, interval=0.05, what="rows to succeed")
+    return N / (time.perf_counter() - start)
 
 
 def raw_pickup(samples: int = 200) -> float:
@@ -193,8 +261,13 @@ def main() -> None:
     user, api = prepare()
     worker = start_worker()
     try:
-        raw_publish, raw_e2e = raw_throughput()
-        sub, e2e = conveyor_throughput(api)
+        with CPU(worker) as raw_cpu:
+            raw_publish, raw_e2e = raw_throughput()
+        with CPU(worker) as conveyor_cpu:
+            sub, e2e = conveyor_throughput(api)
+        reset()
+        with CPU(worker) as hand_cpu:
+            hand_e2e = handwired_throughput(user)
         reset()
         Token.objects.get_or_create(user=user)
         raw_p50 = raw_pickup()
@@ -210,6 +283,12 @@ def main() -> None:
         f"broker {settings.CELERY_BROKER_URL}, db {connection.vendor}"
     )
     row("end-to-end", e2e, raw_e2e, "/s", "target ratio >= 0.6")
+    print(
+        f"{'end-to-end, hand-wired':<30} conveyor {e2e:>8.1f} /s  hand-wired {hand_e2e:>8.1f} /s  "
+        f"ratio {e2e / hand_e2e:5.2f}  (target ratio >= 1.2)"
+    )
+    for name, cpu in (("raw celery", raw_cpu), ("conveyor", conveyor_cpu), ("hand-wired", hand_cpu)):
+        print(f"  CPU ms per job, {name + ':':<12} {cpu.per_job(N)}")
     row("submission", sub, raw_publish, "/s", "target ratio >= 2")
     row("pickup p50", p50, raw_p50, "ms", "target ratio <= 2, aim < 10 ms")
     print(
