@@ -100,8 +100,9 @@ class CPU:
     """CPU time used by the worker's main process, its pool processes, PostgreSQL, Redis and this
     process (the submission) over a measurement, for where a job's time goes."""
 
-    def __init__(self, worker: subprocess.Popen) -> None:
+    def __init__(self, worker: subprocess.Popen, **others: subprocess.Popen) -> None:
         self.worker = psutil.Process(worker.pid)
+        self.others = {name: psutil.Process(process.pid) for name, process in others.items()}
         self.spent: dict[str, float] = {}
 
     def _sample(self) -> dict[str, float]:
@@ -126,6 +127,7 @@ class CPU:
             "postgres": used(named["postgres"]),
             "redis": used(named["redis"]),
             "bench": used([psutil.Process()]),
+            **{name: used([process]) for name, process in self.others.items()},
         }
 
     def __enter__(self) -> "CPU":

@@ -8,7 +8,7 @@ from apps.credentials.services import key_for
 from apps.jobs import live
 from apps.jobs.errors import PermanentError
 from apps.jobs.models import Job
-from tasks import providers
+from tasks import connections, providers
 from tasks.types import Report
 
 SERVER_KEYS = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
@@ -38,6 +38,7 @@ def handle(job: Job, report: Report) -> dict[str, Any]:
     key = key_for(job.owner_id, provider) or getattr(settings, SERVER_KEYS[provider])
     if not key:
         raise PermanentError(f"no credential for provider {provider}")
+    connections.release()
     stream = TextStream(job, report)
     out = providers.generate(request, key, stream.add)
     del key

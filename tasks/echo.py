@@ -1,10 +1,10 @@
 """The `echo` kind: returns its message. For health checks, tests and benchmarks."""
 
-import time
 from typing import Any
 
 from apps.jobs.errors import RetryableError
 from apps.jobs.models import Job
+from tasks import interrupts
 from tasks.types import Report
 
 
@@ -19,8 +19,8 @@ def handle(job: Job, report: Report) -> dict[str, Any]:
     steps = payload.get("progress_steps", 0)
     if steps:
         for step in range(1, steps + 1):
-            time.sleep(seconds / steps)
+            interrupts.sleep(seconds / steps)
             report(100 * step / steps, f"step {step} of {steps}")
     elif seconds:
-        time.sleep(seconds)
+        interrupts.sleep(seconds)
     return {"message": payload["message"]}

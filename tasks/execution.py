@@ -30,7 +30,7 @@ from django.db import DatabaseError, InterfaceError, OperationalError, close_old
 from apps.jobs import lifecycle, live, sql
 from apps.jobs.errors import JobInterrupted, PermanentError, RetryableError
 from apps.jobs.models import Job, Status
-from tasks import interrupts
+from tasks import connections, interrupts
 from tasks.handlers import HANDLERS
 from tasks.sandbox.processes import pid_alive
 
@@ -44,6 +44,8 @@ WRITE_PAUSE = 0.5
 # Celery's soft time limit is armed a moment before the claim that starts our own clock: an attempt
 # that ends this close to its deadline has met Celery's limit (some SDKs hide it behind another error).
 DEADLINE_TOLERANCE = 0.5
+# Where the heartbeat enforces deadlines (threads and solo pools), how often it looks.
+DEADLINE_STEP = 0.25
 T = TypeVar("T")
 
 
@@ -123,6 +125,8 @@ class Watched:
     job: Job
     reporter: Reporter
     on_lost: Callable[[str], None]
+    # The attempt's deadline, when the heartbeat enforces it (no Celery time limit in this pool).
+    deadline: float | None = None
     last_beat: float = field(default_factory=time.monotonic)
     renewed: float = field(default_factory=time.monotonic)  # when the lease was last renewed
     lost: str = ""
@@ -151,9 +155,25 @@ class Heartbeat:
         self._thread = threading.Thread(target=self._loop, name="conveyor-heartbeat", daemon=True)
         self._thread.start()
 
+    @classmethod
+    def watching(cls, job_id: str) -> Watched | None:
+        """The attempt of `job_id` that this process runs, if any (never starts a heartbeat)."""
+        instance = cls._instance if cls._pid == os.getpid() else None
+        if instance is None:
+            return None
+        with instance._lock:
+            return next((w for pk, w in instance._watched.items() if str(pk) == job_id), None)
+
+    def stop(self, watched: Watched, reason: str) -> None:
+        """Stop an attempt this process runs (a cancel that reached a threads or solo worker)."""
+        if not watched.lost:
+            self._lose(watched, reason)
+
     @contextmanager
-    def watch(self, job: Job, reporter: Reporter, on_lost: Callable[[str], None]) -> Iterator[Watched]:
-        watched = Watched(job, reporter, on_lost)
+    def watch(
+        self, job: Job, reporter: Reporter, on_lost: Callable[[str], None], deadline: float | None = None
+    ) -> Iterator[Watched]:
+        watched = Watched(job, reporter, on_lost, deadline)
         with self._lock:
             self._watched[job.pk] = watched
         try:
@@ -167,7 +187,7 @@ class Heartbeat:
         # Stop a job whose lease could not be renewed this long: two beats before it would run out.
         give_up_after = max(interval, settings.JOBS_LEASE_SECONDS - 2 * interval)
         while True:
-            time.sleep(min(interval, settings.JOBS_PROGRESS_MIN_INTERVAL_SECONDS))
+            time.sleep(min(interval, settings.JOBS_PROGRESS_MIN_INTERVAL_SECONDS, DEADLINE_STEP))
             with self._lock:
                 watched = list(self._watched.values())
             if not watched:
@@ -175,6 +195,9 @@ class Heartbeat:
                 continue
             for w in watched:
                 if w.lost:
+                    continue
+                if w.deadline is not None and time.monotonic() >= w.deadline:
+                    self._lose(w, f"timed out after {w.job.timeout_seconds}s")
                     continue
                 try:
                     close_old_connections()
@@ -206,6 +229,13 @@ def _raise_interrupted(signum: int, frame: Any) -> None:
     interrupts.interrupt(_interrupt_reason or f"stopped by signal {signal.Signals(signum).name}")
 
 
+def signals_reach_the_job() -> bool:
+    """True in a prefork pool process running the job in its main thread: SIGTERM and Celery's time
+    limits reach the job. Elsewhere (threads, solo) the heartbeat enforces the deadline, and a cancel
+    arrives through the worker's `conveyor_cancel` command."""
+    return threading.current_thread() is threading.main_thread() and current_process().name != "MainProcess"
+
+
 @contextmanager
 def interruptible() -> Iterator[Callable[[str], None]]:
     """While the handler runs, SIGTERM (revoke with terminate, a worker's cold shutdown, the hard time
@@ -214,8 +244,9 @@ def interruptible() -> Iterator[Callable[[str], None]]:
 
     Only in a prefork pool process: in any other process SIGTERM belongs to the worker itself.
     """
-    if threading.current_thread() is not threading.main_thread() or current_process().name == "MainProcess":
-        yield lambda reason: None
+    if not signals_reach_the_job():
+        attempt = interrupts.current()
+        yield attempt.interrupt if attempt else lambda reason: None
         return
 
     def interrupt(reason: str) -> None:
@@ -291,19 +322,32 @@ def run(job_id: str, *, task_id: str, worker: str) -> str | None:
     if job is None:
         log.info("job %s not claimable (already claimed, finished, cancelled or not due)", job_id)
         return None
-    deadline = time.monotonic() + job.timeout_seconds - min(DEADLINE_TOLERANCE, job.timeout_seconds / 4)
+    claimed_at = time.monotonic()
+    deadline = claimed_at + job.timeout_seconds - min(DEADLINE_TOLERANCE, job.timeout_seconds / 4)
     record_claim_order(job)
     reporter = Reporter(job)
     watched: Watched | None = None
+    attempt = interrupts.Attempt(deadline)
+    # Without Celery's time limits (threads, solo), the heartbeat stops the attempt at its timeout.
+    enforced = None if signals_reach_the_job() else claimed_at + job.timeout_seconds
+    connections.release()  # pooled (a threads pool): not held while the handler runs
     try:
-        with interruptible() as interrupt, Heartbeat.get().watch(job, reporter, interrupt) as watched:
+        with (
+            interrupts.running(attempt),
+            interruptible() as interrupt,
+            Heartbeat.get().watch(job, reporter, interrupt, enforced) as watched,
+        ):
             result = HANDLERS[job.kind](job, reporter)
+            interrupts.check()  # interrupted from another thread, though the handler finished
     except JobInterrupted as exc:
         reason = str(exc)
         return _with_database(lambda: _interrupted(job, reason, watched, deadline))
     except SoftTimeLimitExceeded:
         return _with_database(lambda: lifecycle.end_attempt(job, "", "", retryable=False, timed_out=True))
     except Exception as exc:
+        if attempt.reason:  # the interruption made the handler fail (its stream was closed)
+            reason = attempt.reason
+            return _with_database(lambda: _interrupted(job, reason, watched, deadline))
         error = exc
         return _with_database(lambda: _failed(job, error, deadline))
     pending = reporter.take_pending()
@@ -348,9 +392,11 @@ def _interrupted(job: Job, reason: str, watched: Watched | None, deadline: float
     status, lease = current
     if status == Status.CANCELLED:
         return Status.CANCELLED
-    if status != Status.RUNNING or lease != job.lease or (watched and watched.lost):
+    if status != Status.RUNNING or lease != job.lease:
         return None  # no longer this attempt's to settle
     if time.monotonic() >= deadline:  # Celery's hard time limit arrives as SIGTERM too
         return lifecycle.end_attempt(job, "", "", retryable=False, timed_out=True)
+    if watched and watched.lost:
+        return None  # its lease could not be renewed: the reconciler settles it once the lease runs out
     # Not cancelled, not late: the worker is going away. The job was not at fault; it goes back.
     return lifecycle.hand_back(job, f"interrupted: {reason}")

@@ -6,9 +6,11 @@ from typing import Any
 
 from celery import shared_task
 from celery.signals import worker_ready
-from celery.worker.control import inspect_command
+from celery.worker import state as worker_state
+from celery.worker.control import control_command, inspect_command
 
 from apps.jobs import callbacks
+from apps.jobs.dispatch import CANCEL_COMMAND
 from apps.jobs.reconciler import reconcile as reconcile_jobs
 from tasks import execution
 from tasks.sandbox.confinement import capabilities, sweep_slots
@@ -49,6 +51,21 @@ def worker_status(queues: list[str]) -> dict[str, Any]:
 @inspect_command(name=WORKER_STATUS)
 def _status_command(state: Any) -> dict[str, Any]:
     return worker_status(sorted(queue.name for queue in state.consumer.task_consumer.queues))
+
+
+@control_command(name=CANCEL_COMMAND, args=[("job_id", str)], signature="<job_id>")
+def _cancel_command(state: Any, job_id: str) -> dict[str, Any]:
+    """Stop the running attempt of a cancelled job, if this worker runs it: in a prefork pool process
+    by SIGTERM (what `revoke --terminate` does), in a threads or solo pool by interrupting it in place."""
+    watched = execution.Heartbeat.watching(job_id)
+    if watched is not None:
+        execution.Heartbeat.get().stop(watched, "cancelled")
+        return {"ok": "interrupted"}
+    for request in list(worker_state.active_requests):
+        if request.name == run_job.name and list(request.args)[:1] == [job_id] and request.worker_pid:
+            request.terminate(state.consumer.pool, signal="SIGTERM")
+            return {"ok": "terminated"}
+    return {"ok": "not running here"}
 
 
 @worker_ready.connect

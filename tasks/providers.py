@@ -3,8 +3,11 @@ generation ended; errors come out as the platform's RetryableError / PermanentEr
 redacted from every message.
 """
 
+import contextlib
 import os
 import re
+import socket
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +18,7 @@ import openai
 from django.conf import settings
 
 from apps.jobs.errors import PermanentError, RetryableError
+from tasks import interrupts
 
 # Anything that looks like a provider key, in case a server echoes a key other than the one we sent.
 KEY_PATTERN = re.compile(r"\b(sk-[A-Za-z0-9_\-]{8,}|sk-ant-[A-Za-z0-9_\-]{8,})")
@@ -32,16 +36,29 @@ OnDelta = Callable[[str], None]
 
 
 _http_clients: dict[tuple[str, int], Any] = {}
+_http_clients_lock = threading.Lock()
 
 
 def http_client(provider: str) -> Any:
     """One HTTP client per provider and process, shared by every call: building one costs ~20 ms of
     CPU (its TLS context), more than a short generation. It holds connections, never a key."""
     slot = (provider, os.getpid())  # a forked pool process makes its own
-    if slot not in _http_clients:
-        sdk = openai if provider == "openai" else anthropic
-        _http_clients[slot] = sdk.DefaultHttpxClient()
-    return _http_clients[slot]
+    with _http_clients_lock:  # threads of a threads pool share them
+        if slot not in _http_clients:
+            sdk = openai if provider == "openai" else anthropic
+            _http_clients[slot] = sdk.DefaultHttpxClient()
+        return _http_clients[slot]
+
+
+def cut(response: Any) -> None:
+    """End a streamed answer from another thread: shut its socket down, which wakes the read that waits
+    on it (closing the socket or the response would not, and the response is not the caller's to
+    touch). The reading thread then sees the connection end and the SDK raises."""
+    network_stream = response.extensions.get("network_stream")
+    sock = network_stream.get_extra_info("socket") if network_stream is not None else None
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 def redact(message: str, key: str) -> str:
@@ -90,7 +107,7 @@ def _openai(request: dict[str, Any], key: str, on_delta: OnDelta) -> Generation:
         base_url=settings.OPENAI_BASE_URL,
         http_client=http_client("openai"),
         max_retries=0,  # the platform retries, with backoff, as a new attempt
-        timeout=settings.AI_REQUEST_TIMEOUT_SECONDS,
+        timeout=interrupts.time_left(settings.AI_REQUEST_TIMEOUT_SECONDS),  # none past the deadline
     )
     messages = [{"role": "system", "content": request["system"]}] if request["system"] else []
     messages += request["messages"]
@@ -98,9 +115,12 @@ def _openai(request: dict[str, Any], key: str, on_delta: OnDelta) -> Generation:
     if request["temperature"] is not None:
         options["temperature"] = request["temperature"]
     out = Generation(model=request["model"])
-    with client.chat.completions.create(
-        model=request["model"], messages=messages, stream=True, stream_options={"include_usage": True}, **options
-    ) as stream:
+    with (
+        client.chat.completions.create(
+            model=request["model"], messages=messages, stream=True, stream_options={"include_usage": True}, **options
+        ) as stream,
+        interrupts.on_interrupt(lambda: cut(stream.response)),
+    ):  # a cancel or the deadline ends the read
         for chunk in stream:
             out.model = chunk.model or out.model
             if chunk.usage:
@@ -120,7 +140,7 @@ def _anthropic(request: dict[str, Any], key: str, on_delta: OnDelta) -> Generati
         base_url=settings.ANTHROPIC_BASE_URL,
         http_client=http_client("anthropic"),
         max_retries=0,
-        timeout=settings.AI_REQUEST_TIMEOUT_SECONDS,
+        timeout=interrupts.time_left(settings.AI_REQUEST_TIMEOUT_SECONDS),  # none past the deadline
     )
     # Anthropic takes the system prompt apart from the turns.
     system = "\n\n".join(
@@ -135,7 +155,10 @@ def _anthropic(request: dict[str, Any], key: str, on_delta: OnDelta) -> Generati
         options["extra_body"] = {"temperature": request["temperature"]}
     turns = [m for m in request["messages"] if m["role"] != "system"]
     out = Generation(model=request["model"])
-    with client.messages.stream(model=request["model"], messages=turns, **options) as stream:
+    with (
+        client.messages.stream(model=request["model"], messages=turns, **options) as stream,
+        interrupts.on_interrupt(lambda: cut(stream.response)),
+    ):
         for text in stream.text_stream:
             out.text += text
             on_delta(text)

@@ -70,18 +70,20 @@ def wait_final(job_id: object, timeout: float = 20) -> Job:
 
 
 class WorkerProcess:
-    """`celery worker` (prefork, 2 processes) in its own process group, against the test database."""
+    """`celery worker` (prefork, 2 processes, unless `pool` says otherwise) in its own process group,
+    against the test database."""
 
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, env: dict[str, str], log_path: Path, pool: tuple[str, ...] = ("-P", "prefork", "-c", "2")):
         self.env = env
         self.log_path = log_path
+        self.pool = pool
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
         self.node = f"test-{time.monotonic_ns()}@%h"
         log = open(self.log_path, "ab")  # noqa: SIM115 (the child keeps it)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "project", "worker", "-P", "prefork", "-c", "2", "-n", self.node,
+            [sys.executable, "-m", "celery", "-A", "project", "worker", *self.pool, "-n", self.node,
              "-Q", ",".join(settings.JOBS_QUEUES), "-l", "INFO", "--without-gossip", "--without-mingle"],
             cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip

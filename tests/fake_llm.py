@@ -24,6 +24,7 @@ class Recorded:
     body: dict[str, Any]
     at: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None  # wall clock, when the first token was written
+    aborted: bool = False  # the client went away before the answer's end
 
 
 @dataclass
@@ -142,17 +143,20 @@ def _handler(fake: FakeLLM) -> type[BaseHTTPRequestHandler]:
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Transfer-Encoding", "chunked")
             self.end_headers()
-            for name, data in events:
-                payload = data if isinstance(data, str) else json.dumps(data)
-                chunk = ((f"event: {name}\n" if name else "") + f"data: {payload}\n\n").encode()
-                self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            try:
+                for name, data in events:
+                    payload = data if isinstance(data, str) else json.dumps(data)
+                    chunk = ((f"event: {name}\n" if name else "") + f"data: {payload}\n\n").encode()
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                    self.wfile.flush()
+                    if self.record.first_token_at is None and name in (None, "content_block_delta"):
+                        self.record.first_token_at = time.time()
+                    if delay and name in (None, "content_block_delta"):
+                        time.sleep(delay)
+                self.wfile.write(b"0\r\n\r\n")
                 self.wfile.flush()
-                if self.record.first_token_at is None and name in (None, "content_block_delta"):
-                    self.record.first_token_at = time.time()
-                if delay and name in (None, "content_block_delta"):
-                    time.sleep(delay)
-            self.wfile.write(b"0\r\n\r\n")
-            self.wfile.flush()
+            except (BrokenPipeError, ConnectionResetError):
+                self.record.aborted = True
 
         def _openai(self, body: dict, model: str, script: Script) -> None:
             text = "".join(script.tokens)

@@ -24,6 +24,8 @@ from apps.jobs.models import Job, Priority
 log = logging.getLogger(__name__)
 
 RUN_JOB = "conveyor.run_job"
+# The worker control command that stops a cancelled job's running attempt (tasks/jobs.py).
+CANCEL_COMMAND = "conveyor_cancel"
 PUBLISH_BATCH = 500
 
 # Redis serves priority 0 first; AMQP serves the highest number first.

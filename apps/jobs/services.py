@@ -16,6 +16,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from apps.jobs import archives, lifecycle
+from apps.jobs.dispatch import CANCEL_COMMAND
 from apps.jobs.kinds import get_kind
 from apps.jobs.models import ACTIVE_STATUSES, Job, Status, Upload
 
@@ -127,7 +128,7 @@ def cancel_job(job: Job) -> Job:
         # The running process also notices at its next heartbeat, should this broadcast be lost (or
         # the broker be down: the cancel is committed either way).
         try:
-            current_app.control.revoke(before.task_id, terminate=True, signal="SIGTERM")
+            current_app.control.broadcast(CANCEL_COMMAND, arguments={"job_id": str(job.pk)})
         except Exception:
             log.warning("could not broadcast the cancel of job %s; its heartbeat will stop it", job.pk, exc_info=True)
     job.refresh_from_db()
