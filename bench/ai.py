@@ -20,13 +20,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.throughput import CPU, ROOT, prepare, reset, stop_worker, wait  # first: it sets Django up
+from bench.throughput import CPU, R, ROOT, prepare, reset, stop_worker, wait  # first: it sets Django up
 
 import openai
 from celery import current_app
 from rest_framework.test import APIClient
 
 from apps.jobs.models import Job
+from bench.raw import sdk_call
 from tests.fake_llm import FakeLLM
 
 N = int(os.environ.get("BENCH_AI_N", "500"))
@@ -52,11 +53,11 @@ def start_provider() -> tuple[subprocess.Popen, str]:
 
 def start_worker(url: str, pool: str = "prefork", concurrency: int = 8) -> subprocess.Popen:
     env = {**os.environ, "OPENAI_BASE_URL": f"{url}/v1", "OPENAI_API_KEY": KEY, "AI_DEFAULT_PROVIDER": "openai"}
-    if pool == "threads":
-        env["DB_POOL_SIZE"] = "8"  # as the README says to run a threads worker
+    if pool == "threads":  # as the README says to run a threads worker (0: a connection per thread)
+        env["DB_POOL_SIZE"] = os.environ.get("BENCH_AI_THREADS_DB_POOL", "8")
     worker = subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "project", "worker", "-P", pool, "-c", str(concurrency),
-         "-l", "WARNING", "-Q", "ai", "--without-gossip", "--without-mingle", *EXTRA],
+         "-l", "WARNING", "-Q", "ai", "--include", "bench.raw", "--without-gossip", "--without-mingle", *EXTRA],
         cwd=ROOT, env=env, start_new_session=True,
     )  # fmt: skip
     deadline = time.monotonic() + 60
@@ -79,6 +80,17 @@ def direct(url: str, concurrency: int, n: int) -> float:
     with ThreadPoolExecutor(concurrency) as pool:
         texts = list(pool.map(call, range(n)))
     assert all(texts)
+    return n / (time.perf_counter() - start)
+
+
+def plain_celery(url: str, n: int) -> float:
+    """The same calls as plain Celery tasks on the same worker (`bench.sdk_call`): what any path
+    through Celery can reach, before Conveyor does anything."""
+    R.set("bench:done", 0)
+    start = time.perf_counter()
+    for i in range(n):
+        sdk_call.apply_async(args=[f"{url}/v1", KEY, f"plain {i}"], queue="ai", priority=6)
+    wait(lambda: int(R.get("bench:done") or 0) >= n, what="plain tasks to drain")
     return n / (time.perf_counter() - start)
 
 
@@ -130,12 +142,15 @@ def main() -> None:
             try:
                 with CPU(worker, provider=provider) as direct_cpu:
                     direct_rate = direct(url, concurrency, n)
+                with CPU(worker, provider=provider) as plain_cpu:
+                    plain_rate = plain_celery(url, n)
                 with CPU(worker, provider=provider) as conveyor_cpu:
                     conveyor_rate = through_conveyor(api, n)
             finally:
                 stop_worker(worker)
                 reset()
-            figures.append((pool, concurrency, n, direct_rate, conveyor_rate, direct_cpu, conveyor_cpu))
+            rates, cpus = (direct_rate, plain_rate, conveyor_rate), (direct_cpu, plain_cpu, conveyor_cpu)
+            figures.append((pool, concurrency, n, *rates, *cpus))
     finally:
         provider.terminate()
     # The first-token figure needs the provider's own clock: one in this process, and a worker on it.
@@ -148,12 +163,14 @@ def main() -> None:
         llm.stop()
         reset()
     print(f"\nai_generate jobs, provider answering in {DELAY * 1000:.0f} ms")
-    for pool, concurrency, n, direct_rate, conveyor_rate, direct_cpu, conveyor_cpu in figures:
+    for pool, concurrency, n, direct_rate, plain_rate, conveyor_rate, direct_cpu, plain_cpu, conveyor_cpu in figures:
         print(f"{n} jobs, worker -P {pool} -c {concurrency}, against {concurrency} threads calling the SDK")
         print(f"  {'direct SDK calls':<32} {direct_rate:8.1f} /s")
+        print(f"  {'plain Celery task, same call':<32} {plain_rate:8.1f} /s   ratio {plain_rate / direct_rate:5.2f}")
         print(f"  {'through Conveyor (submit->done)':<32} {conveyor_rate:8.1f} /s   "
               f"ratio {conveyor_rate / direct_rate:5.2f}  (target >= 0.9)")  # fmt: skip
         print(f"    CPU ms per job, direct:   {direct_cpu.per_job(n)}")
+        print(f"    CPU ms per job, plain:    {plain_cpu.per_job(n)}")
         print(f"    CPU ms per job, conveyor: {conveyor_cpu.per_job(n)}")
     print(f"{'first token, provider -> SSE':<34} {ttft:8.1f} ms  (target < 100 ms)")
 

@@ -43,3 +43,18 @@ def handwired(job_id: str, message: str) -> None:
         Job.objects.filter(pk=job_id).update(
             status=Job.Status.SUCCEEDED, result={"message": message}, finished_at=timezone.now()
         )
+
+
+@shared_task(name="bench.sdk_call")
+def sdk_call(base_url: str, key: str, prompt: str) -> None:
+    """The ceiling of any Celery-based path for AI jobs: a plain task that makes the SDK call a direct
+    caller makes (one shared HTTP client per process, as Conveyor's) and counts itself. No row, no key
+    lookup, no live text."""
+    import openai
+
+    from tasks.providers import http_client
+
+    client = openai.OpenAI(base_url=base_url, api_key=key, http_client=http_client("openai"), max_retries=0)
+    stream = client.chat.completions.create(model="bench", messages=[{"role": "user", "content": prompt}], stream=True)
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    _client().incr("bench:done")

@@ -317,6 +317,13 @@ def _claim(job_id: str, *, task_id: str, worker: str, process: str) -> Job | Non
 
 def run(job_id: str, *, task_id: str, worker: str) -> str | None:
     """Run one attempt of a job. Returns the status it ended in, or None if it was not ours to run."""
+    try:
+        return _run(job_id, task_id=task_id, worker=worker)
+    finally:
+        connections.release()  # pooled: back to the pool for the next thread (Celery keeps it otherwise)
+
+
+def _run(job_id: str, *, task_id: str, worker: str) -> str | None:
     close_old_connections()
     job = _claim(job_id, task_id=task_id, worker=worker, process=process_id())
     if job is None:

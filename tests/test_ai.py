@@ -13,7 +13,7 @@ from django.test import Client, override_settings
 from rest_framework.test import APIClient
 
 from apps.credentials.models import Credential
-from apps.credentials.services import key_for
+from apps.credentials.services import key_for, key_for_orm, store_credential
 from apps.jobs.errors import PermanentError
 from apps.jobs.models import Job, JobEvent, LogChunk
 from tests.conftest import SERVER_ANTHROPIC_KEY, SERVER_OPENAI_KEY, WorkerProcess, sse_events, wait_final, wait_for
@@ -230,6 +230,17 @@ def test_rotation_re_encrypts_every_key_under_the_first_key(user: User) -> None:
     token = Credential.objects.get().encrypted_key
     with pytest.raises(InvalidToken):
         Fernet(old).decrypt(token.encode())
+
+
+@pytest.mark.django_db
+def test_the_written_out_key_query_reads_what_the_orm_reads(user: User, other_user: User) -> None:
+    store_credential(user, "openai", "sk-user-openai-1")
+    store_credential(other_user, "openai", "sk-other-openai-2")
+    store_credential(user, "anthropic", "sk-ant-user-3")
+
+    for owner, provider in [(user, "openai"), (other_user, "openai"), (user, "anthropic"), (other_user, "anthropic")]:
+        assert key_for(owner.pk, provider) == key_for_orm(owner.pk, provider)
+    assert (key_for(user.pk, "openai"), key_for(other_user.pk, "anthropic")) == ("sk-user-openai-1", None)
 
 
 @pytest.mark.django_db
