@@ -8,4 +8,4 @@ app = Celery("conveyor")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 # autodiscover_tasks() only finds `<app>.tasks`; the worker code lives in the top-level `tasks/`
 # package, so its task modules are listed here.
-app.conf.imports = ("tasks.jobs",)
+app.conf.imports = ("tasks.entrypoints",)

@@ -271,10 +271,10 @@ REST_FRAMEWORK = {
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
-    "DEFAULT_PARSER_CLASSES": ["apps.jobs.api.parsers.LimitedJSONParser"],
+    "DEFAULT_PARSER_CLASSES": ["project.parsers.LimitedJSONParser"],
     "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
-    "EXCEPTION_HANDLER": "apps.jobs.api.errors.exception_handler",
+    "EXCEPTION_HANDLER": "project.api.exception_handler",
 }
 SPECTACULAR_SETTINGS = {
     "TITLE": "Conveyor API",

@@ -6,7 +6,9 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
-    path("api/", include("apps.jobs.api.urls")),
+    path("api/", include("project.api")),  # the root page and health
+    path("api/", include("apps.jobs.urls")),
+    path("api/", include("apps.credentials.urls")),
 ]
 
-handler500 = "apps.jobs.api.errors.server_error"
+handler500 = "project.api.server_error"

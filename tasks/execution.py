@@ -1,6 +1,7 @@
 """Running one attempt of a job: claim it, run its kind's handler, record how it ended.
 
-Plain functions, testable without Celery; `tasks.jobs.run_job` is the thin Celery entry point.
+Plain functions, testable without Celery; `tasks.entrypoints.run_job` is the thin Celery entry point.
+The kind's handler gets the attempt's context (`tasks.context.Context`) and returns its result.
 
 The attempt's deadline belongs to the platform: it is counted from the claim, on this process's
 monotonic clock, and whatever a handler, a provider SDK or a tool does with Celery's soft time limit
@@ -28,10 +29,12 @@ from django.conf import settings
 from django.db import DatabaseError, InterfaceError, OperationalError, close_old_connections, connection
 
 from apps.jobs import lifecycle, live, sql
-from apps.jobs.errors import JobInterrupted, PermanentError, RetryableError
 from apps.jobs.models import Job, Status
+from apps.jobs.statuses import ErrorType
+from project.processes import per_process
 from tasks import connections, interrupts
-from tasks.handlers import HANDLERS
+from tasks.context import Context, JobInterrupted, PermanentError, RetryableError
+from tasks.kinds import HANDLERS
 from tasks.sandbox.processes import pid_alive
 
 log = logging.getLogger(__name__)
@@ -140,14 +143,9 @@ class Heartbeat:
     is stopped through `on_lost`, before another worker may take it.
     """
 
-    _instance: "Heartbeat | None" = None
-    _pid = 0
-
-    @classmethod
-    def get(cls) -> "Heartbeat":
-        if cls._instance is None or cls._pid != os.getpid():  # threads do not survive a fork
-            cls._instance, cls._pid = cls(), os.getpid()
-        return cls._instance
+    @staticmethod
+    def get() -> "Heartbeat":
+        return _heartbeat()  # threads do not survive a fork: a forked process starts its own
 
     def __init__(self) -> None:
         self._watched: dict[Any, Watched] = {}
@@ -155,10 +153,10 @@ class Heartbeat:
         self._thread = threading.Thread(target=self._loop, name="conveyor-heartbeat", daemon=True)
         self._thread.start()
 
-    @classmethod
-    def watching(cls, job_id: str) -> Watched | None:
+    @staticmethod
+    def watching(job_id: str) -> Watched | None:
         """The attempt of `job_id` that this process runs, if any (never starts a heartbeat)."""
-        instance = cls._instance if cls._pid == os.getpid() else None
+        instance = _heartbeat.peek()
         if instance is None:
             return None
         with instance._lock:
@@ -220,6 +218,11 @@ class Heartbeat:
         log.warning("job %s: stopping it: %s", watched.job.pk, reason)
         watched.lost = reason
         watched.on_lost(reason)
+
+
+@per_process
+def _heartbeat() -> Heartbeat:
+    return Heartbeat()
 
 
 _interrupt_reason = ""
@@ -338,13 +341,17 @@ def _run(job_id: str, *, task_id: str, worker: str) -> str | None:
     # Without Celery's time limits (threads, solo), the heartbeat stops the attempt at its timeout.
     enforced = None if signals_reach_the_job() else claimed_at + job.timeout_seconds
     connections.release()  # pooled (a threads pool): not held while the handler runs
+    ctx = Context(job, reporter, deadline, lambda: attempt.reason)
     try:
         with (
             interrupts.running(attempt),
             interruptible() as interrupt,
             Heartbeat.get().watch(job, reporter, interrupt, enforced) as watched,
         ):
-            result = HANDLERS[job.kind](job, reporter)
+            try:
+                result = HANDLERS[job.kind](ctx)
+            finally:
+                ctx.close()
             interrupts.check()  # interrupted from another thread, though the handler finished
     except JobInterrupted as exc:
         reason = str(exc)
@@ -372,7 +379,7 @@ def _succeeded(job: Job, result: Any, progress_message: str | None) -> str | Non
         connection.close()
         log.exception("job %s: its result could not be stored", job.pk)
         message = f"the result could not be stored: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-        return lifecycle.end_attempt(job, "UnstorableResult", message, retryable=False)
+        return lifecycle.end_attempt(job, ErrorType.UNSTORABLE_RESULT, message, retryable=False)
     return Status.SUCCEEDED if won else None
 
 

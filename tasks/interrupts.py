@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from apps.jobs.errors import JobInterrupted
+from tasks.context import JobInterrupted
 
 _depth = 0
 _held: str | None = None

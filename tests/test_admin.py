@@ -4,8 +4,8 @@ import pytest
 from django.contrib.auth.models import User
 from django.test import Client
 
-from apps.jobs import lifecycle, logs
-from apps.jobs.models import Job
+from apps.jobs import lifecycle
+from apps.jobs.models import Job, LogChunk
 from apps.jobs.services import build_job
 
 pytestmark = pytest.mark.django_db
@@ -68,7 +68,7 @@ def test_the_cancel_and_replay_actions_change_jobs(admin_client: Client, user: U
     assert (replayed.status, replayed.dead_lettered) == (Job.Status.QUEUED, False)
     assert list(replayed.events.values_list("type", flat=True)) == ["queued", "retried"]
 
-    admin_client.post("/admin/jobs/job/", {"action": "retry_jobs", "_selected_action": [queued.pk]})
+    admin_client.post("/admin/jobs/job/", {"action": "replay_jobs", "_selected_action": [queued.pk]})
     assert Job.objects.get(pk=queued.pk).status == Job.Status.QUEUED
 
 
@@ -81,7 +81,7 @@ def test_the_job_page_shows_the_log_tail_and_the_structured_result(admin_client:
         "artifacts": [{"name": "dist/a.whl", "size": 10, "sha256": "ab" * 32, "url": url}],
     }  # fmt: skip
     Job.objects.filter(pk=job.pk).update(kind="test", result=result)
-    logs.append(job.pk, 0, "collecting ...\n<script>alert(1)</script>\n")
+    LogChunk.objects.create(job=job, offset=0, text="collecting ...\n<script>alert(1)</script>\n")
 
     html = admin_client.get(f"/admin/jobs/job/{job.pk}/change/").content.decode()
 

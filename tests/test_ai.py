@@ -14,8 +14,8 @@ from rest_framework.test import APIClient
 
 from apps.credentials.models import Credential
 from apps.credentials.services import key_for, key_for_orm, store_credential
-from apps.jobs.errors import PermanentError
 from apps.jobs.models import Job, JobEvent, LogChunk
+from tasks.context import PermanentError
 from tests.conftest import SERVER_ANTHROPIC_KEY, SERVER_OPENAI_KEY, WorkerProcess, sse_events, wait_final, wait_for
 from tests.fake_llm import FakeLLM
 
@@ -245,12 +245,13 @@ def test_the_written_out_key_query_reads_what_the_orm_reads(user: User, other_us
 
 @pytest.mark.django_db
 def test_a_job_without_any_key_for_its_provider_fails_at_once(user: User) -> None:
-    from tasks.ai import handle
+    from tasks.context import Context
+    from tasks.kinds.ai_generate import handle
 
     job = Job(owner=user, kind="ai_generate", payload={"provider": "anthropic", "model": "m"})
 
     with override_settings(ANTHROPIC_API_KEY=""), pytest.raises(PermanentError, match="no credential for provider"):
-        handle(job, lambda percent, message="": None)
+        handle(Context(job, lambda percent, message="": None, time.monotonic() + 60))
 
 
 @pytest.mark.django_db

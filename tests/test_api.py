@@ -9,6 +9,7 @@ import pytest
 from django.contrib.auth.models import User
 from django.core.management import call_command
 from django.utils import timezone
+from drf_spectacular.generators import SchemaGenerator
 from rest_framework.test import APIClient
 
 from apps.jobs import lifecycle
@@ -363,3 +364,31 @@ def test_a_cancel_is_answered_once_committed_even_if_the_revoke_broadcast_fails(
 
     assert response.status_code == 200
     assert response.json()["status"] == "cancelled"
+
+
+def endpoints_taking_an_offset() -> list[str]:
+    """Every path whose GET declares an `offset` query parameter in the OpenAPI schema."""
+    paths = SchemaGenerator().get_schema(request=None, public=True)["paths"]
+    return sorted(
+        path
+        for path, operations in paths.items()
+        if any(p["in"] == "query" and p["name"] == "offset" for p in operations.get("get", {}).get("parameters", []))
+    )
+
+
+# Committed, so that the event stream sees the token and the job from its own database threads; the job is
+# scheduled, so nothing is published.
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("offset", ["abc", "-1", "²"])
+def test_every_endpoint_taking_an_offset_answers_a_bad_one_with_a_400_naming_it(
+    api: APIClient, user: User, offset: str
+) -> None:
+    job = lifecycle.create_jobs([build_job(user, {**ECHO, "run_at": timezone.now() + timedelta(hours=1)})])[0]
+    endpoints = endpoints_taking_an_offset()
+
+    answers = {path: api.get(path.format(id=job.pk), {"offset": offset}) for path in endpoints}
+
+    assert set(endpoints) >= {"/api/jobs/{id}/log/", "/api/jobs/{id}/stream/"}
+    for path, response in answers.items():
+        assert response.status_code == 400, path
+        assert response.json() == {"offset": ["A non-negative integer is required."]}, path

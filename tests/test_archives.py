@@ -14,7 +14,9 @@ import pytest
 from django.test import override_settings
 
 from apps.jobs import archives
-from apps.jobs.archives import ArchiveError, extract, inspect, write_files
+from apps.jobs.archives import ArchiveError, inspect
+from tasks.sandbox import unpack
+from tasks.sandbox.unpack import extract, write_files
 from tests.tooljobs import tar_gz, zip_bytes
 
 
@@ -414,7 +416,7 @@ def test_the_central_directory_walk_counts_what_zipfile_counts(shape: str, zip64
         "empty": lambda: zip_bytes({}),
     }[shape]()
 
-    assert archives._zip_entries(io.BytesIO(data)) == len(zipfile.ZipFile(io.BytesIO(data)).infolist())
+    assert archives.zip_entries(io.BytesIO(data)) == len(zipfile.ZipFile(io.BytesIO(data)).infolist())
 
 
 def test_a_hostile_tar_header_is_refused_before_it_is_read() -> None:
@@ -435,14 +437,14 @@ def test_a_hostile_tar_header_is_refused_before_it_is_read() -> None:
 def test_unzipping_counts_the_bytes_written_not_the_sizes_declared(tmp_path: Path) -> None:
     data = zip_bytes({"a.txt": "0" * 600, "b.txt": "0" * 600})
     with override_settings(JOB_SOURCE_MAX_BYTES=10_000), zipfile.ZipFile(io.BytesIO(data)) as archive:
-        members = archives._zip_members(archive)  # accepted under a larger limit, as if declared small
+        members = archives.zip_members(archive)  # accepted under a larger limit, as if declared small
 
     with (
         zipfile.ZipFile(io.BytesIO(data)) as archive,
-        archives._opened(tmp_path) as root,
+        unpack._opened(tmp_path) as root,
         pytest.raises(ArchiveError, match="unpacked"),
     ):
-        archives._unzip(archive, members, root)
+        unpack._unzip(archive, members, root)
 
     assert (tmp_path / "a.txt").read_text() == "0" * 600
     assert (tmp_path / "b.txt").read_text() == ""  # refused before its first block was written

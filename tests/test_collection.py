@@ -2,6 +2,7 @@
 as the job left it, without following links out of the tree: in both confinements."""
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -9,13 +10,13 @@ from django.conf import settings
 from django.test import override_settings
 from django.utils import timezone
 
-from apps.jobs.models import Artifact, Job
+from apps.jobs.models import Artifact, Job, LogChunk
+from tasks.context import Context
+from tasks.kinds.test import read_junit
+from tasks.kinds.tool import ToolRun, tool_run
 from tasks.sandbox import confinement
-from tasks.sandbox.joblog import JobLog
 from tasks.sandbox.runner import run_command
 from tasks.sandbox.workspace import Workspace
-from tasks.testrun import read_junit
-from tasks.toolrun import ToolRun, tool_run
 from tests.test_sandbox import Collect, require_bwrap
 
 pytestmark = pytest.mark.django_db
@@ -47,10 +48,14 @@ def run(request: pytest.FixtureRequest, django_user_model: object) -> ToolRun:
     owner = django_user_model.objects.create_user(f"collector-{request.param}")
     job = Job.objects.create(owner=owner, kind="build", payload={}, created_at=timezone.now())
     workspace = Workspace.create(sandbox=request.param)
-    log = JobLog(job.pk)
-    yield ToolRun(job, lambda percent, message="": None, workspace, log)
-    log.close()
+    ctx = context(job)
+    yield ToolRun(ctx, workspace, ctx.output)
+    ctx.close()
     workspace.remove()
+
+
+def context(job: Job) -> Context:
+    return Context(job, lambda percent, message="": None, time.monotonic() + 60)
 
 
 def in_sandbox(run: ToolRun, script: str) -> str:
@@ -63,7 +68,7 @@ def in_sandbox(run: ToolRun, script: str) -> str:
 
 def logged(run: ToolRun) -> str:
     run.log.close()
-    return "".join(run.job.log_chunks.order_by("offset").values_list("text", flat=True))
+    return "".join(Job.objects.get(pk=run.ctx.job.id).log_chunks.order_by("offset").values_list("text", flat=True))
 
 
 def test_only_regular_files_of_the_tree_within_the_limits_are_collected(run: ToolRun) -> None:
@@ -76,7 +81,7 @@ def test_only_regular_files_of_the_tree_within_the_limits_are_collected(run: Too
         found = run.collect_artifacts(["dist/**"])
 
     assert [a["name"] for a in found] == ["dist/ok.whl", "dist/sub/deep.txt"]
-    assert Artifact.objects.get(job=run.job, name="dist/ok.whl").file.read() == b"a wheel"
+    assert Artifact.objects.get(job=run.ctx.job.id, name="dist/ok.whl").file.read() == b"a wheel"
     log = logged(run)
     for name in ("dist/shadow", "dist/cwd", "dist/settings.py", "dist/environ", "dist/up", "dist/linked-dir"):
         assert f"not collected: {name} is a symbolic link" in log
@@ -96,7 +101,7 @@ def test_a_tree_replaced_by_a_link_is_not_walked(run: ToolRun) -> None:
 
     assert found == []
     assert "nothing collected: src is not a directory of the job's tree" in logged(run)
-    assert not Artifact.objects.filter(job=run.job).exists()
+    assert not Artifact.objects.filter(job=run.ctx.job.id).exists()
 
 
 def test_the_working_directory_cannot_be_swapped_by_the_job(run: ToolRun) -> None:
@@ -140,7 +145,7 @@ def test_artifacts_match_globs_skip_links_and_replace_an_earlier_attempts(run: T
     found = run.collect_artifacts(["dist/*"])
 
     assert [a["name"] for a in found] == ["dist/new.whl"]  # no link, no file of a subfolder
-    assert list(Artifact.objects.filter(job=run.job).values_list("name", flat=True)) == ["dist/new.whl"]
+    assert list(Artifact.objects.filter(job=run.ctx.job.id).values_list("name", flat=True)) == ["dist/new.whl"]
     assert [a["name"] for a in run.collect_artifacts(["dist/**"])] == ["dist/new.whl", "dist/sub/deep.txt"]
 
 
@@ -152,8 +157,10 @@ def test_the_unconfined_mode_says_so_on_the_jobs_first_log_line(django_user_mode
     with override_settings(JOB_SANDBOX="rlimit"):
         confinement.capabilities.cache_clear()
         try:
-            with tool_run(job, lambda percent, message="": None):
+            ctx = context(job)
+            with tool_run(ctx):
                 pass
+            ctx.close()
         finally:
             confinement.capabilities.cache_clear()
 
@@ -165,7 +172,7 @@ def test_output_without_newlines_reaches_the_log_as_it_comes(run: ToolRun) -> No
     for _ in range(4):
         run.log.write(b"x" * 65536)  # a quarter of a MiB without a newline
 
-    stored = sum(len(chunk.text) for chunk in run.job.log_chunks.all())
+    stored = sum(len(chunk.text) for chunk in LogChunk.objects.filter(job_id=run.ctx.job.id))
     assert stored >= 128 * 1024  # not held back waiting for a newline that never comes
 
     for _ in range(80):

@@ -11,11 +11,11 @@ from django.db import DataError, OperationalError
 from rest_framework.test import APIClient
 
 from apps.jobs import lifecycle
-from apps.jobs.errors import JobInterrupted, RetryableError
 from apps.jobs.models import Job
 from apps.jobs.services import build_job
 from tasks import execution
-from tasks.handlers import HANDLERS
+from tasks.context import Context, JobInterrupted, RetryableError
+from tasks.kinds import HANDLERS
 from tests.conftest import WorkerProcess, wait_final
 from tests.fake_llm import FakeLLM
 
@@ -39,7 +39,7 @@ def attempt(job: Job, handler: Callable, monkeypatch: pytest.MonkeyPatch) -> str
 
 @pytest.mark.usefixtures("no_worker")
 def test_an_error_after_the_deadline_is_a_timeout_never_a_retry(user: User, monkeypatch: pytest.MonkeyPatch) -> None:
-    def sdk_that_turns_the_time_limit_into_a_connection_error(job: Job, report: Callable) -> dict:
+    def sdk_that_turns_the_time_limit_into_a_connection_error(ctx: Context) -> dict:
         time.sleep(1.1)
         raise RetryableError("anthropic: connection failed: the soft time limit")
 
@@ -56,7 +56,7 @@ def test_an_error_after_the_deadline_is_a_timeout_never_a_retry(user: User, monk
 def test_the_hard_time_limits_signal_after_the_deadline_times_the_job_out(
     user: User, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def cleanup_that_outlasts_the_grace(job: Job, report: Callable) -> dict:
+    def cleanup_that_outlasts_the_grace(ctx: Context) -> dict:
         time.sleep(1.1)
         raise JobInterrupted("stopped by signal SIGTERM")
 
@@ -68,7 +68,7 @@ def test_the_hard_time_limits_signal_after_the_deadline_times_the_job_out(
 
 @pytest.mark.usefixtures("no_worker")
 def test_a_stop_before_the_deadline_hands_the_job_back(user: User, monkeypatch: pytest.MonkeyPatch) -> None:
-    def stopped(job: Job, report: Callable) -> dict:
+    def stopped(ctx: Context) -> dict:
         raise JobInterrupted("stopped by signal SIGTERM")
 
     job = queued(user, max_attempts=1)
@@ -88,7 +88,7 @@ def test_a_result_the_database_refuses_ends_the_job_failed_with_the_reason(
     monkeypatch.setattr(lifecycle, "succeed", refused)
     job = queued(user)
 
-    assert attempt(job, lambda job, report: {"text": "x"}, monkeypatch) == "failed"
+    assert attempt(job, lambda ctx: {"text": "x"}, monkeypatch) == "failed"
 
     stored = Job.objects.get(pk=job.pk)
     assert stored.error == {
@@ -113,7 +113,7 @@ def test_an_outcome_that_cannot_be_written_leaves_the_message_unacknowledged(
     job = queued(user)
 
     with pytest.raises(Reject) as rejected:
-        attempt(job, lambda job, report: {"ok": True}, monkeypatch)
+        attempt(job, lambda ctx: {"ok": True}, monkeypatch)
 
     assert rejected.value.requeue is True
     assert len(writes) == execution.WRITE_TRIES

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 from django.test import override_settings
 
-from apps.jobs.errors import PermanentError, RetryableError
+from tasks.context import PermanentError, RetryableError
 from tasks.sandbox.sources import clone
 from tasks.sandbox.workspace import Workspace
 from tests.git_https import GitServer

@@ -12,7 +12,7 @@ from apps.jobs.kinds import KINDS
 from apps.jobs.lifecycle import backoff
 from apps.jobs.models import Job
 from apps.jobs.services import build_job
-from tasks.handlers import HANDLERS
+from tasks.kinds import HANDLERS
 
 pytestmark = pytest.mark.django_db
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from django.test import override_settings
 
-from apps.jobs.errors import PermanentError, RetryableError
+from tasks.context import PermanentError, RetryableError
 from tasks.sandbox import confinement, processes
 from tasks.sandbox.processes import MARKER_VAR
 from tasks.sandbox.runner import CommandTimedOut, LimitExceeded, Output, run_command
@@ -343,8 +343,8 @@ def test_what_a_job_leaves_in_the_shared_tmp_in_rlimit_mode_is_removed() -> None
 
 
 def test_a_cancel_during_cleanup_waits_until_the_disk_is_removed(monkeypatch: pytest.MonkeyPatch) -> None:
-    from apps.jobs.errors import JobInterrupted
     from tasks import interrupts
+    from tasks.context import JobInterrupted
     from tasks.sandbox import workspace as workspace_module
 
     real_remove = workspace_module.remove_disk

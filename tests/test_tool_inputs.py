@@ -12,8 +12,8 @@ import pytest
 from django.test import override_settings
 from rest_framework.test import APIClient
 
-from apps.jobs.archives import extract
 from apps.jobs.models import Job, Upload
+from tasks.sandbox.unpack import extract
 from tests.tooljobs import sample_files, tar_gz, upload, zip_bytes
 
 pytestmark = pytest.mark.django_db

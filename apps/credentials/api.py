@@ -7,7 +7,7 @@ from rest_framework.response import Response
 
 from apps.credentials.models import Credential, Provider
 from apps.credentials.services import store_credential
-from apps.jobs.api.throttles import ReadThrottle
+from project.api import ReadThrottle
 
 
 class CredentialSerializer(serializers.ModelSerializer):

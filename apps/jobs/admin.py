@@ -41,7 +41,7 @@ class JobAdmin(admin.ModelAdmin):
     search_fields = ["idempotency_key"]
     list_select_related = ["owner"]
     inlines = [JobEventInline]
-    actions = ["cancel_jobs", "retry_jobs", "replay_dead_letters"]
+    actions = ["cancel_jobs", "replay_jobs", "replay_dead_letters"]
     readonly_fields = [f.name for f in Job._meta.fields] + ["progress_bar", "outcome", "log_tail"]
     fieldsets = [
         (
@@ -185,12 +185,12 @@ class JobAdmin(admin.ModelAdmin):
         self._apply(request, queryset, services.cancel_job, "Cancelled")
 
     @admin.action(description="Retry selected jobs (failed, timed out or cancelled)")
-    def retry_jobs(self, request: HttpRequest, queryset: QuerySet) -> None:
-        self._apply(request, queryset, services.retry_job, "Re-queued")
+    def replay_jobs(self, request: HttpRequest, queryset: QuerySet) -> None:
+        self._apply(request, queryset, services.replay_job, "Re-queued")
 
     @admin.action(description="Replay selected dead-lettered jobs")
     def replay_dead_letters(self, request: HttpRequest, queryset: QuerySet) -> None:
-        self._apply(request, queryset.filter(dead_lettered=True), services.retry_job, "Replayed")
+        self._apply(request, queryset.filter(dead_lettered=True), services.replay_job, "Replayed")
 
 
 def _table(headers: list[str], rows: list[tuple]) -> SafeString | str:

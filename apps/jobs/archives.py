@@ -9,13 +9,11 @@ Archives are taken as people make them: `tar czf src.tgz -C project .` writes `.
 maps both formats onto the tree the user means (no `./`, no single top-level folder), and every check
 that depends on a path runs after it. The same code runs when an upload arrives (so the user hears at
 once, and the stored counts match what is unpacked) and again when a worker unpacks it (so a file
-changed on disk since is not trusted).
+changed on disk since is not trusted): writing the tree out is the worker's, `tasks.sandbox.unpack`.
 """
 
 import contextlib
 import dataclasses
-import errno
-import functools
 import gzip
 import os
 import stat
@@ -23,20 +21,14 @@ import struct
 import tarfile
 import zipfile
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from typing import BinaryIO, Literal
 
 from django.conf import settings
 
 Kind = Literal["file", "dir", "symlink", "hardlink"]
-
-_DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-_BLOCK = 64 * 1024
-# Errors that mean the archive contradicts itself (a name twice, a file where a folder goes), not the disk.
-_MEMBER_CONFLICTS = {errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.ELOOP}
 
 
 class ArchiveError(ValueError):
@@ -51,7 +43,7 @@ class ArchiveInfo:
 
 
 @dataclass(frozen=True)
-class _Member:
+class Member:
     """A member of either format: `name` as written (for messages), `parts` where it goes."""
 
     name: str
@@ -111,7 +103,7 @@ def _check_link(name: str, parts: tuple[str, ...], target: str) -> None:
             raise ArchiveError(f"{name!r}: link to {target!r} points outside the source tree")
 
 
-class _Budget:
+class Budget:
     """Counts members as they stream past and refuses the moment a limit is passed."""
 
     def __init__(self) -> None:
@@ -149,7 +141,7 @@ def sniff(fileobj: BinaryIO) -> str:
     raise ArchiveError("not a tar.gz or zip archive")
 
 
-def _normalise(members: list[_Member]) -> list[_Member]:
+def _normalise(members: list[Member]) -> list[Member]:
     """The tree the user means, for both formats: the root entry dropped, a single top-level folder
     stripped, hard-link targets mapped the same way, symlinks checked where they will land.
 
@@ -165,7 +157,7 @@ def _normalise(members: list[_Member]) -> list[_Member]:
         if all(m.kind == "dir" for m in members if m.parts == (top,)):
             prefix = (top,)
 
-    tree: list[_Member] = []
+    tree: list[Member] = []
     files: set[str] = set()  # what a hard link may name: files (and links to them) so far
     others: dict[str, str] = {}  # every path that is not a directory, and what it is
     for member in members:
@@ -239,19 +231,19 @@ class _Inflated:
 
 
 @contextlib.contextmanager
-def _open_tar(fileobj: BinaryIO) -> Iterator[tarfile.TarFile]:
+def open_tar(fileobj: BinaryIO) -> Iterator[tarfile.TarFile]:
     with gzip.GzipFile(fileobj=fileobj, mode="rb") as gz, tarfile.open(fileobj=_Inflated(gz), mode="r:") as archive:
         yield archive
 
 
-def _tar_headers(archive: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+def tar_headers(archive: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
     """Each header as it is read; tarfile keeps none of them (it would keep them all, in `members`)."""
     while (info := archive.next()) is not None:
         archive.members.clear()
         yield info
 
 
-def _tar_member(info: tarfile.TarInfo, index: int) -> _Member:
+def tar_member(info: tarfile.TarInfo, index: int) -> Member:
     parts = _parts(info.name)
     kind: Kind
     if info.isdir():
@@ -266,65 +258,17 @@ def _tar_member(info: tarfile.TarInfo, index: int) -> _Member:
     else:
         raise ArchiveError(f"{info.name!r}: devices, fifos, sparse and other special files are not allowed")
     size = info.size if kind == "file" else 0
-    return _Member(info.name, parts, kind, size, info.linkname, index, bool(info.mode & 0o111))
+    return Member(info.name, parts, kind, size, info.linkname, index, bool(info.mode & 0o111))
 
 
-def _tar_members(archive: tarfile.TarFile) -> list[_Member]:
-    budget = _Budget()
+def tar_members(archive: tarfile.TarFile) -> list[Member]:
+    budget = Budget()
     members = []
-    for index, info in enumerate(_tar_headers(archive)):  # getmembers() would read them all before any limit
-        member = _tar_member(info, index)
+    for index, info in enumerate(tar_headers(archive)):  # getmembers() would read them all before any limit
+        member = tar_member(info, index)
         budget.add(member.kind != "dir", member.size, info.name)
         members.append(member)
     return _normalise(members)
-
-
-def _untar(archive: tarfile.TarFile, members: list[_Member], root: int) -> None:
-    """Write the checked members, reading the archive a second time, member by member: each header
-    must be the one checked, data is streamed, no path is ever opened through a link (the links
-    themselves are made last)."""
-    budget = _Budget()  # the bytes actually written
-    planned = {member.index: member for member in members}
-    links: list[_Member] = []
-    for index, info in enumerate(_tar_headers(archive)):
-        if index not in planned:
-            if not info.isdir():  # only the root entry (or the stripped folder) is left out
-                raise ArchiveError(f"{info.name!r}: the archive changed while it was read")
-            continue
-        member = planned.pop(index)
-        if info.name != member.name or _tar_member(info, index).kind != member.kind:
-            raise ArchiveError(f"{info.name!r}: the archive changed while it was read")
-        with _naming(member):
-            if member.kind == "dir":
-                os.close(_directory(root, member.parts))
-            elif member.kind == "file":
-                data = archive.extractfile(info)
-                blocks = iter(functools.partial(data.read, _BLOCK), b"")
-                _write_file(root, member.parts, blocks, budget, 0o755 if member.executable else 0o644)
-            elif member.kind == "hardlink":
-                _hard_link(root, tuple(member.target.split("/")), member.parts)
-            else:
-                links.append(member)
-    if planned:
-        raise ArchiveError("the archive changed while it was read")
-    for member in links:
-        with _naming(member):
-            parent = _directory(root, member.parts[:-1])
-            try:
-                os.symlink(member.target, member.parts[-1], dir_fd=parent)
-            finally:
-                os.close(parent)
-
-
-@contextlib.contextmanager
-def _naming(member: _Member) -> Iterator[None]:
-    """An error that the archive itself causes (a path twice, a file where a folder goes), naming the member."""
-    try:
-        yield
-    except OSError as exc:
-        if exc.errno not in _MEMBER_CONFLICTS:
-            raise
-        raise ArchiveError(f"{member.name!r}: {exc.strerror}") from exc
 
 
 _EOCD_SIGNATURE, _EOCD_ENTRIES, _EOCD_SIZE, _EOCD_LOCATION = 0, 4, 5, 9  # indices into _EndRecData's list
@@ -333,7 +277,7 @@ _CENTRAL_HEADER = struct.Struct("<4s24x3H12x")  # signature; name, extra and com
 _ZIP_METHODS = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA}
 
 
-def _zip_entries(fileobj: BinaryIO) -> int:
+def zip_entries(fileobj: BinaryIO) -> int:
     """The number of central-directory entries, or ArchiveError as soon as it passes the limit.
 
     `zipfile.ZipFile` reads and keeps every entry, and stops by the directory's byte size whatever the
@@ -366,8 +310,8 @@ def _zip_entries(fileobj: BinaryIO) -> int:
     return count
 
 
-def _zip_members(archive: zipfile.ZipFile) -> list[_Member]:
-    budget = _Budget()
+def zip_members(archive: zipfile.ZipFile) -> list[Member]:
+    budget = Budget()
     members = []
     for index, info in enumerate(archive.infolist()):
         parts = _parts(info.filename)
@@ -380,21 +324,8 @@ def _zip_members(archive: zipfile.ZipFile) -> list[_Member]:
         kind: Kind = "dir" if info.is_dir() else "file"
         size = info.file_size if kind == "file" else 0
         budget.add(kind == "file", size, info.filename)
-        members.append(_Member(info.filename, parts, kind, size, "", index, bool((info.external_attr >> 16) & 0o111)))
+        members.append(Member(info.filename, parts, kind, size, "", index, bool((info.external_attr >> 16) & 0o111)))
     return _normalise(members)
-
-
-def _unzip(archive: zipfile.ZipFile, members: list[_Member], root: int) -> None:
-    budget = _Budget()  # the bytes actually written: a declared size is the archive's word
-    infos = archive.infolist()
-    for member in members:
-        with _naming(member):
-            if member.kind == "dir":
-                os.close(_directory(root, member.parts))
-                continue
-            with archive.open(infos[member.index]) as data:
-                blocks = iter(functools.partial(data.read, _BLOCK), b"")
-                _write_file(root, member.parts, blocks, budget, 0o755 if member.executable else 0o644)
 
 
 def inspect(fileobj: BinaryIO) -> ArchiveInfo:
@@ -402,12 +333,12 @@ def inspect(fileobj: BinaryIO) -> ArchiveInfo:
     fmt = sniff(fileobj)
     try:
         if fmt == "tar.gz":
-            with _open_tar(fileobj) as archive:
-                members = _tar_members(archive)
+            with open_tar(fileobj) as archive:
+                members = tar_members(archive)
         else:
-            _zip_entries(fileobj)
+            zip_entries(fileobj)
             with zipfile.ZipFile(fileobj) as archive:
-                members = _zip_members(archive)
+                members = zip_members(archive)
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, zlib.error) as exc:
         raise ArchiveError(f"unreadable {fmt} archive: {exc}") from exc
     finally:
@@ -415,78 +346,9 @@ def inspect(fileobj: BinaryIO) -> ArchiveInfo:
     return ArchiveInfo(fmt, sum(m.kind != "dir" for m in members), sum(m.size for m in members))
 
 
-def extract(fileobj: BinaryIO, dest: Path) -> None:
-    """Unpack into `dest` after checking every member again, with the same normalisation as `inspect`."""
-    fmt = sniff(fileobj)
-    try:
-        with _opened(dest) as root:
-            if fmt == "tar.gz":
-                with _open_tar(fileobj) as archive:
-                    members = _tar_members(archive)
-                fileobj.seek(0)
-                with _open_tar(fileobj) as archive:
-                    _untar(archive, members, root)
-            else:
-                _zip_entries(fileobj)
-                with zipfile.ZipFile(fileobj) as archive:
-                    _unzip(archive, _zip_members(archive), root)
-    except (tarfile.TarError, zipfile.BadZipFile, EOFError, gzip.BadGzipFile, zlib.error) as exc:
-        raise ArchiveError(f"unreadable {fmt} archive: {exc}") from exc
-
-
-@contextlib.contextmanager
-def _opened(dest: Path) -> Iterator[int]:
-    dest.mkdir(parents=True, exist_ok=True)
-    fd = os.open(dest, _DIRECTORY)
-    try:
-        yield fd
-    finally:
-        os.close(fd)
-
-
-def _directory(root: int, parts: Iterable[str]) -> int:
-    """A descriptor for the directory `parts` under `root`, made if missing; never through a symlink."""
-    fd = os.dup(root)
-    try:
-        for part in parts:
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(part, 0o755, dir_fd=fd)
-            inner = os.open(part, _DIRECTORY, dir_fd=fd)
-            os.close(fd)
-            fd = inner
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _write_file(root: int, parts: tuple[str, ...], blocks: Iterable[bytes], budget: _Budget, mode: int = 0o644) -> None:
-    """A new file (never an existing one, never through a symlink) at `parts` under `root`."""
-    parent = _directory(root, parts[:-1])
-    try:
-        fd = os.open(parts[-1], _NEW_FILE, mode, dir_fd=parent)
-        os.fchmod(fd, mode)  # whatever the umask
-    finally:
-        os.close(parent)
-    with os.fdopen(fd, "wb") as out:
-        for block in blocks:
-            budget.spend(len(block))
-            out.write(block)
-
-
-def _hard_link(root: int, target: tuple[str, ...], parts: tuple[str, ...]) -> None:
-    """A hard link at `parts` to the file already unpacked at `target` (both under `root`)."""
-    source, parent = _directory(root, target[:-1]), _directory(root, parts[:-1])
-    try:
-        os.link(target[-1], parts[-1], src_dir_fd=source, dst_dir_fd=parent, follow_symlinks=False)
-    finally:
-        os.close(source)
-        os.close(parent)
-
-
 def check_files(files: dict[str, str]) -> None:
     """An inline tree: paths as for archive members, within the same limits."""
-    budget = _Budget()
+    budget = Budget()
     for name, text in files.items():
         check_relative_path(name)
         try:
@@ -494,14 +356,3 @@ def check_files(files: dict[str, str]) -> None:
         except UnicodeEncodeError:  # a lone surrogate, which JSON's \ud800 escapes can carry
             raise ArchiveError(f"{name!r}: the text is not valid Unicode") from None
         budget.add(True, size)
-
-
-def write_files(files: dict[str, str], dest: Path) -> None:
-    check_files(files)
-    budget = _Budget()
-    with _opened(dest) as root:
-        for name, text in files.items():
-            try:
-                _write_file(root, check_relative_path(name).parts, [text.encode()], budget)
-            except OSError as exc:  # e.g. "a" and "a/b" both given
-                raise ArchiveError(f"{name!r}: {exc.strerror}") from exc

@@ -7,6 +7,7 @@ import logging
 import os
 from collections.abc import Sequence
 from functools import lru_cache
+from urllib.parse import urlparse
 from weakref import WeakKeyDictionary
 
 import redis
@@ -17,14 +18,14 @@ from kombu.entity import PERSISTENT_DELIVERY_MODE as DELIVERY_MODE
 from kombu.utils.json import dumps
 from kombu.utils.uuid import uuid
 
-from apps.jobs.callbacks import DELIVER_CALLBACK
 from apps.jobs.kinds import get_kind
 from apps.jobs.models import Job, Priority
 
 log = logging.getLogger(__name__)
 
 RUN_JOB = "conveyor.run_job"
-# The worker control command that stops a cancelled job's running attempt (tasks/jobs.py).
+DELIVER_CALLBACK = "conveyor.deliver_callback"  # delivered by tasks/callbacks.py
+# The worker control command that stops a cancelled job's running attempt (tasks/entrypoints.py).
 CANCEL_COMMAND = "conveyor_cancel"
 PUBLISH_BATCH = 500
 
@@ -182,3 +183,11 @@ def _publish_callback(job: Job) -> None:
         )
     except Exception:
         log.exception("could not publish the callback of job %s", job.pk)
+
+
+def callback_host_allowed(url: str) -> bool:
+    """Whether a job may call `url` back: its host is in CALLBACK_ALLOWED_HOSTS. Checked at submission
+    (the serializer) and again at delivery (`tasks.callbacks`)."""
+    allowed = settings.CALLBACK_ALLOWED_HOSTS
+    host = urlparse(url).hostname or ""
+    return "*" in allowed or host.lower() in (h.lower() for h in allowed)

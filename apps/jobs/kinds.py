@@ -15,7 +15,7 @@ from django.conf import settings
 from django.core.exceptions import ValidationError as DjangoValidationError
 from rest_framework import serializers
 
-from apps.jobs import ai
+from apps.jobs import ai_requests
 from apps.jobs.archives import ArchiveError, check_files, check_relative_path
 from apps.jobs.models import Upload
 
@@ -158,7 +158,7 @@ class MessageSerializer(serializers.Serializer):
 
 class AIGeneratePayload(PayloadSerializer):
     """ai_generate: a `prompt` or `messages`, optional system prompt, persona, provider, model and
-    parameters. Validated data is the resolved request (see `apps.jobs.ai.resolve`)."""
+    parameters. Validated data is the resolved request (see `apps.jobs.ai_requests.resolve`)."""
 
     prompt = serializers.CharField(max_length=200_000, required=False, trim_whitespace=False)
     messages = MessageSerializer(many=True, required=False, allow_empty=False, max_length=500)
@@ -176,17 +176,17 @@ class AIGeneratePayload(PayloadSerializer):
             raise serializers.ValidationError({"prompt": ["Give either 'prompt' or 'messages'."]})
         persona = None
         if name := attrs.get("persona"):
-            persona = ai.personas().get(name)
+            persona = ai_requests.personas().get(name)
             if persona is None:
                 raise serializers.ValidationError({"persona": [f"Unknown persona {name!r}."]})
-        return ai.resolve(attrs, persona)
+        return ai_requests.resolve(attrs, persona)
 
 
 @dataclass(frozen=True)
 class Kind:
     name: str
     queue: str
-    payload: type[PayloadSerializer]
+    payload_serializer: type[PayloadSerializer]  # validates the payload (and resolves defaults)
     max_attempts: int = 3
     timeout_seconds: int = 300
     # (owner id, validated payload) -> the request's identity, for kinds where an identical request
@@ -200,7 +200,7 @@ KINDS: dict[str, Kind] = {
         Kind(
             "echo",
             queue="default",
-            payload=EchoPayload,
+            payload_serializer=EchoPayload,
             max_attempts=3,
             timeout_seconds=60,
         ),
@@ -208,15 +208,15 @@ KINDS: dict[str, Kind] = {
         Kind(
             "ai_generate",
             queue="ai",
-            payload=AIGeneratePayload,
+            payload_serializer=AIGeneratePayload,
             max_attempts=5,
             timeout_seconds=300,
-            dedupe_key=lambda owner_id, payload: ai.dedupe_key(owner_id, payload) if payload["dedupe"] else None,
+            dedupe_key=lambda owner, payload: ai_requests.dedupe_key(owner, payload) if payload["dedupe"] else None,
         ),
         # A tool's verdict (failing tests, lint findings) is a result, never retried; the attempts
         # are for what is passing: a git host that did not answer, a lost worker.
         *(
-            Kind(name, queue="builds", payload=ToolPayload, max_attempts=2, timeout_seconds=600)
+            Kind(name, queue="builds", payload_serializer=ToolPayload, max_attempts=2, timeout_seconds=600)
             for name in ("build", "test", "lint")
         ),
     )

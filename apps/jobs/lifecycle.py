@@ -31,6 +31,7 @@ from apps.jobs import live, sql
 from apps.jobs.dispatch import publish_callback_on_commit, publish_on_commit, publish_safely
 from apps.jobs.kinds import get_kind
 from apps.jobs.models import ACTIVE_STATUSES, Job, JobEvent, Status
+from apps.jobs.statuses import ErrorType, Event, LiveEvent
 
 RETRYABLE_FINAL = (Status.FAILED, Status.TIMED_OUT, Status.CANCELLED)
 CLEARED_ATTEMPT = {"process": "", "lease": None, "heartbeat_at": None}
@@ -67,7 +68,9 @@ def backoff(attempt: int, retry_after: float | None = None) -> float:
 
 def _announce(job_id: UUID, status: str, message: str = "") -> None:
     """Tell live subscribers (SSE streams) once the transition is committed."""
-    transaction.on_commit(lambda: live.publish(job_id, {"type": "status", "status": status, "message": message}))
+    transaction.on_commit(
+        lambda: live.publish(job_id, {"type": LiveEvent.STATUS, "status": status, "message": message})
+    )
 
 
 def _transition(
@@ -135,7 +138,7 @@ def claim(job_id: UUID | str, *, task_id: str, worker: str, process: str) -> Job
         "progress": 0,
         "progress_message": "",
     }
-    job = sql.claim(job_id, fields, event="running")
+    job = sql.claim(job_id, fields, event=Event.RUNNING)
     if job is not None:
         _announce(job.pk, Status.RUNNING, f"attempt {job.attempts} on {worker}")
     return job
@@ -147,7 +150,7 @@ def succeed(job: Job, result: Any, progress_message: str | None = None) -> bool:
         job,
         [Status.RUNNING],
         Status.SUCCEEDED,
-        event="succeeded",
+        event=Event.SUCCEEDED,
         fenced=True,
         result=storable(result),
         error=None,
@@ -194,7 +197,7 @@ def end_attempt(
     """What follows an attempt that did not succeed, decided here and nowhere else. Returns the status
     the job moved to, or None if the attempt was no longer the job's (cancelled, taken over)."""
     if timed_out:
-        won = _fail(job, "TimeoutError", f"timed out after {job.timeout_seconds}s", Status.TIMED_OUT)
+        won = _fail(job, ErrorType.TIMED_OUT, f"timed out after {job.timeout_seconds}s", Status.TIMED_OUT)
         return Status.TIMED_OUT if won else None
     message = storable(message)
     if retryable and job.attempts < job.max_attempts:
@@ -203,7 +206,7 @@ def end_attempt(
             job,
             [Status.RUNNING],
             Status.RETRYING,
-            event="retrying",
+            event=Event.RETRYING,
             message=f"{message} (attempt {job.attempts} of {job.max_attempts}; next in {delay:.1f}s)",
             data={"attempt": job.attempts, "delay_s": round(delay, 3)},
             fenced=True,
@@ -239,7 +242,7 @@ def hand_back(job: Job, reason: str) -> str | None:
     attempt not counted, at most JOBS_MAX_HANDBACKS times (after that a hand-back counts as an
     attempt, so that no job is handed around for ever)."""
     if job.handbacks < settings.JOBS_MAX_HANDBACKS:
-        won = _requeue(job, "handed_back", f"{reason}; handed back (not counted as an attempt)", counted=False)
+        won = _requeue(job, Event.HANDED_BACK, f"{reason}; handed back (not counted as an attempt)", counted=False)
         return Status.QUEUED if won else None
     return recover_lost(job, f"{reason}; handed back {job.handbacks} times already")
 
@@ -253,18 +256,18 @@ def recover_lost(job: Job, reason: str, now: datetime | None = None, *, publish:
     now = now or sql.db_now()
     if job.started_at and job.started_at + timedelta(seconds=job.timeout_seconds) <= now:
         message = f"timed out after {job.timeout_seconds}s ({reason})"
-        return Status.TIMED_OUT if _fail(job, "TimeoutError", message, Status.TIMED_OUT) else None
+        return Status.TIMED_OUT if _fail(job, ErrorType.TIMED_OUT, message, Status.TIMED_OUT) else None
     if job.attempts >= job.max_attempts:
         message = f"{reason} on attempt {job.attempts} of {job.max_attempts}"
-        return Status.FAILED if _fail(job, "WorkerLost", message, Status.FAILED) else None
-    return Status.QUEUED if _requeue(job, "requeued", reason, counted=True, publish=publish) else None
+        return Status.FAILED if _fail(job, ErrorType.WORKER_LOST, message, Status.FAILED) else None
+    return Status.QUEUED if _requeue(job, Event.REQUEUED, reason, counted=True, publish=publish) else None
 
 
 def cancel(job_id: UUID) -> tuple[bool, Job]:
     """Cancel an unfinished job. Returns (won, job as it was before)."""
     job = Job.objects.get(pk=job_id)
     before = copy.copy(job)
-    won = _transition(job, ACTIVE_STATUSES, Status.CANCELLED, event="cancelled", finished_at=timezone.now(),
+    won = _transition(job, ACTIVE_STATUSES, Status.CANCELLED, event=Event.CANCELLED, finished_at=timezone.now(),
                       **CLEARED_ATTEMPT)  # fmt: skip
     if won:
         publish_callback_on_commit(job)
@@ -279,7 +282,7 @@ def replay(job_id: UUID) -> bool:
         job,
         RETRYABLE_FINAL,
         Status.QUEUED,
-        event="retried",
+        event=Event.RETRIED,
         message="re-queued by request",
         attempts=0,
         handbacks=0,
@@ -302,7 +305,7 @@ def replay(job_id: UUID) -> bool:
 
 def promote(job: Job) -> bool:
     """A scheduled job whose time has come joins its queue (published once committed)."""
-    won = _transition(job, [Status.SCHEDULED], Status.QUEUED, event="queued", message="scheduled time reached",
+    won = _transition(job, [Status.SCHEDULED], Status.QUEUED, event=Event.QUEUED, message="scheduled time reached",
                       queued_at=timezone.now())  # fmt: skip
     if won:
         publish_on_commit([job])
@@ -331,4 +334,4 @@ def set_progress(job: Job, percent: int, message: str) -> None:
     if Job.objects.filter(pk=job.pk, status=Status.RUNNING, lease=job.lease).update(
         progress=percent, progress_message=storable(message[:200])
     ):
-        live.publish(job.pk, {"type": "progress", "progress": percent, "message": message[:200]})
+        live.publish(job.pk, {"type": LiveEvent.PROGRESS, "progress": percent, "message": message[:200]})

@@ -11,7 +11,6 @@ far from a Redis key kept beside its events (`publish_text`, `text_so_far`).
 
 import json
 import logging
-import os
 import threading
 import time
 from collections.abc import Iterator
@@ -24,9 +23,11 @@ from django.conf import settings
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from apps.jobs.statuses import LiveEvent
+from project.processes import per_process
+
 log = logging.getLogger(__name__)
 
-_client: redis.Redis | None = None
 TEXT_TTL_SECONDS = 3600
 # How long publishing pauses after Redis failed, and how long a connect or a write may take.
 PAUSE_SECONDS = 5.0
@@ -36,11 +37,9 @@ SOCKET_TIMEOUT_SECONDS = 1.0
 READ_REPLIES_AFTER = 64
 
 
+@per_process
 def client() -> redis.Redis:
-    global _client
-    if _client is None:  # redis-py's pool reconnects by itself after a fork
-        _client = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=5, health_check_interval=30)
-    return _client
+    return redis.Redis.from_url(settings.REDIS_URL, socket_timeout=5, health_check_interval=30)
 
 
 def channel(job_id: UUID | str) -> str:
@@ -62,7 +61,7 @@ def publish_text(job_id: UUID | str, attempt: int, offset: int, delta: str) -> N
     commands = [("APPEND", key, delta)]
     if offset == 0:  # APPEND keeps the key's expiry: set once, beyond the longest job
         commands.append(("EXPIRE", key, settings.JOBS_MAX_TIMEOUT_SECONDS + TEXT_TTL_SECONDS))
-    event = {"type": "text", "attempt": attempt, "offset": offset, "delta": delta}
+    event = {"type": LiveEvent.TEXT, "attempt": attempt, "offset": offset, "delta": delta}
     commands.append(("PUBLISH", channel(job_id), json.dumps(event)))
     _publisher().send(*commands)
 
@@ -149,28 +148,9 @@ class Publisher:
         self._paused_until = time.monotonic() + PAUSE_SECONDS
 
 
-_instance: Publisher | None = None
-_instance_lock = threading.Lock()
-
-
+@per_process
 def _publisher() -> Publisher:
-    global _instance
-    if _instance is None:
-        with _instance_lock:
-            if _instance is None:
-                _instance = Publisher(settings.REDIS_URL)
-    return _instance
-
-
-def _after_fork_in_child() -> None:
-    # The parent's connection is not this process's to use, and a lock may have been held when the
-    # fork happened. Dropping the publisher leaves the parent's socket alone (redis-py shuts a
-    # socket down only in the process that opened it).
-    global _instance, _instance_lock
-    _instance, _instance_lock = None, threading.Lock()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
+    return Publisher(settings.REDIS_URL)
 
 
 @contextmanager

@@ -1,4 +1,5 @@
-"""A job's stored output log: chunks appended by the worker, read back from a byte offset."""
+"""A job's stored output log, read back from a byte offset (the worker appends it:
+`tasks.sandbox.joblog`)."""
 
 from uuid import UUID
 
@@ -8,16 +9,12 @@ from apps.jobs.models import Job, LogChunk
 
 
 def end_offset(job_id: UUID) -> int:
-    """Where the next chunk goes: the byte length of the log so far."""
+    """The byte length of the log so far: where the worker's next chunk goes, and where a reader is done."""
     last = LogChunk.objects.filter(job_id=job_id).aggregate(last=Max("offset"))["last"]
     if last is None:
         return 0
     text = LogChunk.objects.filter(job_id=job_id, offset=last).values_list("text", flat=True).get()
     return last + len(text.encode())
-
-
-def append(job_id: UUID, offset: int, text: str) -> None:
-    LogChunk.objects.create(job_id=job_id, offset=offset, text=text)
 
 
 def read(job: Job, offset: int, limit: int) -> tuple[str, int]:

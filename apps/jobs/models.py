@@ -75,7 +75,9 @@ class Job(models.Model):
     queued_at = models.DateTimeField(null=True, blank=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
-    worker = models.CharField(max_length=200, blank=True)
+    worker = models.CharField(
+        max_length=200, blank=True, help_text="the Celery worker (its node name) of the latest attempt"
+    )
 
     # The queue its kind is served on (see the kind catalogue), kept on the row for the reconciler's
     # and the stats' reads by queue.

@@ -6,13 +6,26 @@ from datetime import datetime
 from django.contrib.auth.models import AbstractBaseUser
 from django.db.models import Q, QuerySet
 
-from apps.jobs.statuses import Status
+from apps.jobs.statuses import ACTIVE_STATUSES, Status
 
 
 class JobQuerySet(QuerySet):
     def visible_to(self, user: AbstractBaseUser) -> "JobQuerySet":
         """A user's own jobs; staff see all."""
         return self if user.is_staff else self.filter(owner=user)
+
+    def by_idempotency_key(self, owner: AbstractBaseUser, *keys: str) -> "JobQuerySet":
+        """The owner's jobs submitted with any of `keys` (the `job_unique_idempotency_key` index)."""
+        return self.filter(owner=owner, idempotency_key__in=keys)
+
+    def same_request(self, owner: AbstractBaseUser, dedupe_key: str, succeeded_since: datetime) -> "JobQuerySet":
+        """The owner's jobs for the same request (a deduplicating kind) under way, or that succeeded
+        since `succeeded_since`; newest first."""
+        return (
+            self.filter(owner=owner, dedupe_key=dedupe_key)
+            .filter(Q(status__in=ACTIVE_STATUSES) | Q(status=Status.SUCCEEDED, finished_at__gte=succeeded_since))
+            .order_by("-created_at")
+        )
 
     def due_scheduled(self, now: datetime) -> "JobQuerySet":
         """Scheduled jobs whose time has come (the `job_scheduled` index)."""

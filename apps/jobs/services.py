@@ -12,13 +12,12 @@ from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.core.files.uploadedfile import UploadedFile
 from django.db import IntegrityError, connection, transaction
-from django.db.models import Q
 from django.utils import timezone
 
 from apps.jobs import archives, lifecycle
 from apps.jobs.dispatch import CANCEL_COMMAND
 from apps.jobs.kinds import get_kind
-from apps.jobs.models import ACTIVE_STATUSES, Job, Status, Upload
+from apps.jobs.models import Job, Status, Upload
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +49,7 @@ def submit_job(owner: AbstractBaseUser, spec: dict[str, Any]) -> tuple[Job, bool
     """Create a job and publish it after commit. Returns (job, created): a repeated idempotency key
     returns the job first submitted with it, and creates nothing."""
     key = spec.get("idempotency_key")
-    if key and (existing := Job.objects.filter(owner=owner, idempotency_key=key).first()):
+    if key and (existing := Job.objects.by_idempotency_key(owner, key).first()):
         return existing, False
     job = build_job(owner, spec)
     # A transaction only where one is needed: to look for a duplicate under its lock, or to keep
@@ -64,7 +63,7 @@ def submit_job(owner: AbstractBaseUser, spec: dict[str, Any]) -> tuple[Job, bool
             lifecycle.create_jobs([job])
     except IntegrityError:
         # Two requests raced with the same key; the other one created it.
-        if key and (existing := Job.objects.filter(owner=owner, idempotency_key=key).first()):
+        if key and (existing := Job.objects.by_idempotency_key(owner, key).first()):
             return existing, False
         raise
     return job, True
@@ -79,12 +78,7 @@ def find_duplicate(owner: AbstractBaseUser, dedupe_key: str) -> Job | None:
     with connection.cursor() as cursor:
         cursor.execute("SELECT pg_advisory_xact_lock(%s)", [int(dedupe_key[:15], 16)])
     recent = timezone.now() - timedelta(seconds=settings.AI_DEDUPE_TTL)
-    return (
-        Job.objects.filter(owner=owner, dedupe_key=dedupe_key)
-        .filter(Q(status__in=ACTIVE_STATUSES) | Q(status=Status.SUCCEEDED, finished_at__gte=recent))
-        .order_by("-created_at")
-        .first()
-    )
+    return Job.objects.same_request(owner, dedupe_key, succeeded_since=recent).first()
 
 
 def submit_batch(owner: AbstractBaseUser, specs: list[dict[str, Any]]) -> list[Job]:
@@ -94,7 +88,7 @@ def submit_batch(owner: AbstractBaseUser, specs: list[dict[str, Any]]) -> list[J
     and so does an item of a deduplicating kind whose request is already under way (see find_duplicate).
     """
     keys = [spec["idempotency_key"] for spec in specs if spec.get("idempotency_key")]
-    known = {job.idempotency_key: job for job in Job.objects.filter(owner=owner, idempotency_key__in=keys)}
+    known = {job.idempotency_key: job for job in Job.objects.by_idempotency_key(owner, *keys)}
     same_request: dict[str, Job] = {}
     jobs: list[Job] = []
     new: list[Job] = []
@@ -135,7 +129,7 @@ def cancel_job(job: Job) -> Job:
     return job
 
 
-def retry_job(job: Job) -> Job:
+def replay_job(job: Job) -> Job:
     """Queue a failed, timed-out or cancelled job again (this replays a dead-lettered job)."""
     if not lifecycle.replay(job.pk):
         job.refresh_from_db()

@@ -33,13 +33,14 @@ from django.db import close_old_connections
 
 from apps.jobs import live, logs
 from apps.jobs.models import Job
+from apps.jobs.statuses import LiveEvent
 
 log = logging.getLogger(__name__)
 
 LOG_PAGE_BYTES = 256 * 1024
 KEEPALIVE_SECONDS = 15.0
 QUEUE_SIZE = 1000  # events a stream may fall behind before it is told to read the row again
-RESYNC = {"type": "resync"}  # not sent to clients: the stream reads the job row again
+RESYNC = {"type": LiveEvent.RESYNC}  # not sent to clients: the stream reads the job row again
 STREAMS_KEY = "conveyor:streams:{user}"
 STREAM_TTL_SECONDS = 3 * KEEPALIVE_SECONDS
 T = TypeVar("T")
@@ -249,12 +250,12 @@ async def job_events(job: Job, offset: int, user_id: int, stream_id: str) -> Asy
         async with hub().listen(job.pk, user_id, stream_id) as listener:
             job = await _refresh(job)
             listener.status = job.status
-            yield sse("status", _snapshot(job))
+            yield sse(LiveEvent.STATUS, _snapshot(job))
             while True:
                 text, end = await _read_log(job, offset, LOG_PAGE_BYTES)
                 if not text:
                     break
-                yield sse("log", {"offset": offset, "text": text})
+                yield sse(LiveEvent.LOG, {"offset": offset, "text": text})
                 offset = end
             # (attempt, bytes) of generated text already sent; a live piece starting before that is not new.
             text_sent = (job.attempts, 0)
@@ -262,7 +263,7 @@ async def job_events(job: Job, offset: int, user_id: int, stream_id: str) -> Asy
                 kept = await hub().client.get(live.text_key(job.pk, job.attempts))
                 so_far = (kept or b"").decode("utf-8", "replace")
                 if so_far:
-                    yield sse("text", {"attempt": job.attempts, "offset": 0, "delta": so_far})
+                    yield sse(LiveEvent.TEXT, {"attempt": job.attempts, "offset": 0, "delta": so_far})
                     text_sent = (job.attempts, len(so_far.encode()))
             while not job.is_final:
                 try:
@@ -271,20 +272,20 @@ async def job_events(job: Job, offset: int, user_id: int, stream_id: str) -> Asy
                     yield ": keepalive\n\n"  # (the hub looks after missed events and the stream count)
                     continue
                 kind = event.pop("type", "message")
-                if kind == "resync":
+                if kind == LiveEvent.RESYNC:
                     job = await _refresh(job)
                     listener.status = job.status
                     continue
-                if kind == "log":
+                if kind == LiveEvent.LOG:
                     if event["offset"] < offset:
                         continue  # already sent from the stored log
                     offset = event["offset"] + len(event["text"].encode())
-                elif kind == "text" and event["attempt"] == text_sent[0] and event["offset"] < text_sent[1]:
+                elif kind == LiveEvent.TEXT and event["attempt"] == text_sent[0] and event["offset"] < text_sent[1]:
                     continue  # already sent with the text so far
                 yield sse(kind, event)
-                if kind == "status":
+                if kind == LiveEvent.STATUS:
                     job = await _refresh(job)
                     listener.status = job.status
-            yield sse("end", _snapshot(job))
+            yield sse(LiveEvent.END, _snapshot(job))
     finally:
         await release(user_id, stream_id)

@@ -6,7 +6,10 @@ from uuid import UUID
 
 from django.conf import settings
 
-from apps.jobs import live, logs
+from apps.jobs import live
+from apps.jobs.logs import end_offset
+from apps.jobs.models import LogChunk
+from apps.jobs.statuses import LiveEvent
 from tasks.sandbox.runner import Output
 
 FLUSH_INTERVAL = 0.1  # seconds between writes while output keeps coming
@@ -25,7 +28,7 @@ class JobLog(Output):
 
     def __init__(self, job_id: UUID) -> None:
         self.job_id = job_id
-        self.offset = logs.end_offset(job_id)
+        self.offset = end_offset(job_id)
         self.limit = settings.JOB_LOG_MAX_BYTES
         self.truncated = self.offset >= self.limit
         self.first_write_at: float | None = None
@@ -87,6 +90,6 @@ class JobLog(Output):
             self.truncated = True
         if self.first_write_at is None:
             self.first_write_at = time.time()
-        logs.append(self.job_id, self.offset, text)
-        live.publish(self.job_id, {"type": "log", "offset": self.offset, "text": text})
+        LogChunk.objects.create(job_id=self.job_id, offset=self.offset, text=text)
+        live.publish(self.job_id, {"type": LiveEvent.LOG, "offset": self.offset, "text": text})
         self.offset += len(text.encode())

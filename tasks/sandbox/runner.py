@@ -26,7 +26,7 @@ from pathlib import Path
 
 from django.conf import settings
 
-from apps.jobs.errors import PermanentError
+from tasks.context import PermanentError
 from tasks.sandbox import processes
 from tasks.sandbox.workspace import INNER_ROOT, JOB_USER, Workspace
 

@@ -11,18 +11,21 @@ import os
 import re
 import shlex
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import IO
 from urllib.parse import urlsplit
 
 from django.conf import settings
 
-from apps.jobs.archives import ArchiveError, extract, write_files
-from apps.jobs.errors import PermanentError, RetryableError
-from apps.jobs.models import Job, Upload
+from apps.jobs.archives import ArchiveError
+from tasks.context import PermanentError, RetryableError
 from tasks.sandbox.confinement import egress_socket
 from tasks.sandbox.egress import RELAY_SOURCE, EgressProxy
 from tasks.sandbox.joblog import JobLog
 from tasks.sandbox.runner import Bind, CommandTimedOut, Output, run_command
+from tasks.sandbox.unpack import extract, write_files
 from tasks.sandbox.workspace import Workspace
 
 # What git prints when the repository or ref does not exist: another attempt would not help.
@@ -49,16 +52,16 @@ class Captured(Output):
         self.log.tick()
 
 
-def fetch(job: Job, workspace: Workspace, log: JobLog) -> None:
-    source = job.payload["source"]
+def fetch(
+    source: dict, workspace: Workspace, log: JobLog, open_upload: Callable[[str], AbstractContextManager[IO[bytes]]]
+) -> None:
+    """The job's source into the work directory: its files, its upload (opened by `open_upload`, the
+    context's, which checks the owner) or a clone of its git repository."""
     try:
         if "files" in source:
             write_files(source["files"], workspace.src)
         elif "upload" in source:
-            upload = Upload.objects.filter(pk=source["upload"], owner_id=job.owner_id).first()
-            if upload is None:
-                raise PermanentError(f"upload {source['upload']} no longer exists")
-            with upload.file.open("rb") as f:
+            with open_upload(source["upload"]) as f:
                 extract(f, workspace.src)
         else:
             clone(source["git"]["url"], source["git"]["ref"], workspace, log)

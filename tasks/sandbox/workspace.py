@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from apps.jobs.errors import PermanentError, RetryableError
+from tasks.context import PermanentError, RetryableError
 from tasks.interrupts import uninterrupted
 from tasks.sandbox import processes
 from tasks.sandbox.confinement import (

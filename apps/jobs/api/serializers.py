@@ -6,10 +6,10 @@ from django.conf import settings
 from django.utils import timezone
 from rest_framework import serializers
 
-from apps.jobs.api.parsers import RequestTooLarge
-from apps.jobs.callbacks import host_allowed
+from apps.jobs.dispatch import callback_host_allowed as host_allowed
 from apps.jobs.kinds import KINDS
 from apps.jobs.models import Job, JobEvent, Priority
+from project.parsers import RequestTooLarge
 
 IDEMPOTENCY_KEY_MAX = 200
 
@@ -78,7 +78,7 @@ class JobSubmitSerializer(serializers.Serializer):
         building a serializer copies its fields, which cost more than validating the payload."""
         schemas = self.__dict__.setdefault("_payload_schemas", {})
         if kind not in schemas:
-            schemas[kind] = KINDS[kind].payload(context=self.context)
+            schemas[kind] = KINDS[kind].payload_serializer(context=self.context)
         return schemas[kind]
 
 
@@ -181,3 +181,11 @@ class JobEventSerializer(serializers.ModelSerializer):
         model = JobEvent
         fields = ["at", "type", "status", "message", "data"]
         read_only_fields = fields
+
+
+class PersonaSerializer(serializers.Serializer):
+    name = serializers.CharField()
+    system_prompt = serializers.CharField()
+    avatar_url = serializers.CharField()
+    model = serializers.CharField()
+    temperature = serializers.FloatField(allow_null=True)

@@ -10,11 +10,12 @@ from django.contrib.auth.models import AbstractBaseUser
 from django.db import close_old_connections
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from rest_framework.authtoken.models import Token
+from rest_framework.exceptions import ValidationError
 
 from apps.jobs import streams
-from apps.jobs.api.parsers import OffsetError, parse_offset
-from apps.jobs.api.throttles import ReadThrottle
 from apps.jobs.models import Job
+from project.api import ReadThrottle
+from project.parsers import offset_param
 
 
 def _token_user(key: str) -> AbstractBaseUser | None:
@@ -48,9 +49,9 @@ async def job_stream(request: HttpRequest, pk: str) -> HttpResponse:
     if user is None:
         return JsonResponse({"detail": "Authentication credentials were not provided."}, status=401)
     try:
-        offset = parse_offset(request.GET.get("offset"))
-    except OffsetError as exc:
-        return JsonResponse({"offset": [str(exc)]}, status=400)
+        offset = offset_param(request.GET)
+    except ValidationError as exc:  # not a DRF view: its exception handler does not answer here
+        return JsonResponse(exc.detail, status=400)
     if (wait := await streams.in_database_thread(_throttled)(user, request)) is not None:
         response = JsonResponse({"detail": f"Request was throttled. Expected available in {int(wait)} seconds."})
         response.status_code, response["Retry-After"] = 429, str(int(wait))

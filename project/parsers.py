@@ -1,9 +1,14 @@
+"""How the API reads a request: the JSON parser and its limits, the 413 they answer, and the `offset`
+query parameter. Apart from `project/api.py` because DRF imports DEFAULT_PARSER_CLASSES while it defines
+its APIView: this module must not import DRF's views (nor anything that does)."""
+
 import io
+from collections.abc import Mapping
 from typing import Any
 
 from django.conf import settings
 from rest_framework import status
-from rest_framework.exceptions import APIException, ParseError
+from rest_framework.exceptions import APIException, ParseError, ValidationError
 from rest_framework.parsers import JSONParser
 
 
@@ -19,6 +24,9 @@ def refuse_declared_over(parser_context: dict | None, limit: int, message: str) 
     declared = request.META.get("CONTENT_LENGTH", "") if request is not None else ""
     if declared.isdigit() and int(declared) > limit:
         raise RequestTooLarge(message)
+
+
+MAX_DEPTH = 64  # of a request's JSON: deeper is no job's, and costs every reader of the payload
 
 
 class LimitedJSONParser(JSONParser):
@@ -43,9 +51,6 @@ class LimitedJSONParser(JSONParser):
         return data
 
 
-MAX_DEPTH = 64  # of a request's JSON: deeper is no job's, and costs every reader of the payload
-
-
 def check_depth(data: Any) -> None:
     """ParseError if `data` nests deeper than MAX_DEPTH (walked without recursion)."""
     stack = [(data, 1)]
@@ -57,15 +62,14 @@ def check_depth(data: Any) -> None:
             stack.extend((child, depth + 1) for child in (value.values() if isinstance(value, dict) else value))
 
 
-class OffsetError(ValueError):
-    pass
-
-
-def parse_offset(raw: str | None) -> int:
-    """A byte offset given in a query string (the log and the event stream take one): absent is 0,
-    anything but a non-negative integer is an error, not a silent 0."""
+def offset_param(query: Mapping[str, str], name: str = "offset") -> int:
+    """A position given in a query string (the job log and the event stream take a byte `offset`):
+    absent or empty is 0; anything but a non-negative integer is a 400 naming the parameter, never a
+    silent 0. Every endpoint that takes one reads it here."""
+    raw = query.get(name)
     if raw is None or raw == "":
         return 0
-    if not raw.isdigit() or len(raw) > 18:
-        raise OffsetError("A non-negative integer is required.")
+    # ASCII digits only: str.isdigit() also takes "²", which int() refuses.
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
+        raise ValidationError({name: ["A non-negative integer is required."]})
     return int(raw)

@@ -1,6 +1,6 @@
 """The `test` kind: pytest (by default `python -m pytest`) with its JUnit XML read into counts.
 
-(Not `tasks/test.py`: tools would take that for a test module.)
+(pytest collects `test_*.py` under `tests/` only, so this module is not taken for a test module.)
 """
 
 import io
@@ -10,9 +10,8 @@ from typing import Any
 import defusedxml.ElementTree as ET
 from defusedxml.common import DefusedXmlException
 
-from apps.jobs.models import Job
-from tasks.toolrun import tool_run
-from tasks.types import Report
+from tasks.context import Context
+from tasks.kinds.tool import tool_run
 
 DEFAULT_COMMAND = ["python", "-m", "pytest"]
 MAX_FAILURES = 50
@@ -20,8 +19,9 @@ MAX_REPORT_BYTES = 20 * 1024 * 1024
 MAX_REPORT_DEPTH = 16  # testsuites > testsuite > testcase > failure: a report is never deeper
 
 
-def handle(job: Job, report: Report) -> dict[str, Any]:
-    with tool_run(job, report) as run:
+def handle(ctx: Context) -> dict[str, Any]:
+    job = ctx.job
+    with tool_run(ctx) as run:
         junit = run.workspace.out / "junit.xml"
         # Through PYTEST_ADDOPTS every pytest the command starts writes the report, `make test` too.
         # xunit1 records each test's file, from which its pytest node id is rebuilt.

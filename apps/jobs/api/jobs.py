@@ -1,14 +1,20 @@
+"""`/api/jobs/`: submit one job or a batch, list and read them, their events, log and artifacts,
+cancel and retry."""
+
 from django.db.models import QuerySet
-from drf_spectacular.utils import OpenApiParameter, extend_schema
-from rest_framework import mixins, status, viewsets
-from rest_framework.decorators import action
+from django.http import FileResponse
+from django.shortcuts import get_object_or_404
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
+from rest_framework import mixins, serializers, status, viewsets
+from rest_framework.decorators import action, api_view, throttle_classes
 from rest_framework.exceptions import ValidationError
 from rest_framework.pagination import CursorPagination
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.throttling import BaseThrottle
 
-from apps.jobs import services
+from apps.jobs import logs, services
 from apps.jobs.api.serializers import (
     IDEMPOTENCY_KEY_MAX,
     BatchSubmitSerializer,
@@ -16,8 +22,11 @@ from apps.jobs.api.serializers import (
     JobSerializer,
     JobSubmitSerializer,
 )
-from apps.jobs.api.throttles import ReadThrottle, SubmitThrottle
-from apps.jobs.models import Job
+from apps.jobs.models import Artifact, Job
+from project.api import ReadThrottle, SubmitThrottle
+from project.parsers import offset_param
+
+LOG_PAGE_BYTES = 256 * 1024
 
 IDEMPOTENCY_HEADER = OpenApiParameter(
     "Idempotency-Key",
@@ -97,4 +106,36 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
     @extend_schema(request=None, responses=JobSerializer)
     @action(detail=True, methods=["post"])
     def retry(self, request: Request, pk: str) -> Response:
-        return Response(JobSerializer(services.retry_job(self.get_object())).data)
+        return Response(JobSerializer(services.replay_job(self.get_object())).data)
+
+
+def _job(request: Request, pk: str) -> Job:
+    return get_object_or_404(Job.objects.visible_to(request.user), pk=pk)
+
+
+@extend_schema(
+    parameters=[OpenApiParameter("offset", int, description="Byte offset to read from (default 0).")],
+    responses=inline_serializer(
+        "JobLog",
+        {"offset": serializers.IntegerField(), "text": serializers.CharField(), "complete": serializers.BooleanField()},
+    ),
+)
+@api_view(["GET"])
+@throttle_classes([ReadThrottle])
+def job_log(request: Request, pk: str) -> Response:
+    """The job's output from byte `offset`. `offset` in the answer is where to continue; `complete`
+    is true once the job has finished and everything has been read."""
+    job = _job(request, pk)
+    offset = offset_param(request.query_params)
+    text, end = logs.read(job, offset, LOG_PAGE_BYTES)
+    complete = job.is_final and end >= logs.end_offset(job.pk)
+    return Response({"offset": end, "text": text, "complete": complete})
+
+
+@extend_schema(responses={(200, "application/octet-stream"): OpenApiTypes.BINARY})
+@api_view(["GET"])
+@throttle_classes([ReadThrottle])
+def job_artifact(request: Request, pk: str, name: str) -> FileResponse:
+    job = _job(request, pk)
+    artifact = get_object_or_404(Artifact, job=job, name=name)
+    return FileResponse(artifact.file.open("rb"), as_attachment=True, filename=name.rsplit("/", 1)[-1])

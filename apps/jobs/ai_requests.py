@@ -1,5 +1,6 @@
 """AI generation requests as the catalogue sees them: personas, defaults, and the identity of a
-request for deduplication. The provider calls themselves live in `tasks/ai.py`."""
+request for deduplication. The provider calls themselves live in `tasks/providers/`, run by
+`tasks/kinds/ai_generate.py`."""
 
 import hashlib
 import json

@@ -1,26 +1,24 @@
-"""`POST /api/ai/generate/` (a shortcut for an ai_generate job) and `GET /api/personas/`."""
+"""`GET /api/personas/` and `POST /api/ai/generate/` (a shortcut for an ai_generate job)."""
 
 from drf_spectacular.utils import extend_schema
-from rest_framework import serializers
 from rest_framework.decorators import api_view, throttle_classes
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from apps.jobs import ai
-from apps.jobs.api.serializers import JobSerializer
-from apps.jobs.api.throttles import ReadThrottle, SubmitThrottle
-from apps.jobs.api.views import submit
+from apps.jobs import ai_requests
+from apps.jobs.api.jobs import submit
+from apps.jobs.api.serializers import JobSerializer, PersonaSerializer
 from apps.jobs.kinds import AIGeneratePayload
+from project.api import ReadThrottle, SubmitThrottle
 
 JOB_FIELDS = ("priority", "max_attempts", "timeout_seconds", "run_at", "idempotency_key", "callback_url", "parent")
 
 
-class PersonaSerializer(serializers.Serializer):
-    name = serializers.CharField()
-    system_prompt = serializers.CharField()
-    avatar_url = serializers.CharField()
-    model = serializers.CharField()
-    temperature = serializers.FloatField(allow_null=True)
+@extend_schema(responses=PersonaSerializer(many=True))
+@api_view(["GET"])
+@throttle_classes([ReadThrottle])
+def personas(request: Request) -> Response:
+    return Response(PersonaSerializer([p.as_dict() for p in ai_requests.personas().values()], many=True).data)
 
 
 @extend_schema(request=AIGeneratePayload, responses={201: JobSerializer, 200: JobSerializer})
@@ -33,10 +31,3 @@ def generate(request: Request) -> Response:
     spec = {"kind": "ai_generate", "payload": {k: v for k, v in body.items() if k not in JOB_FIELDS}}
     spec.update({k: body[k] for k in JOB_FIELDS if k in body})
     return submit(request, spec)
-
-
-@extend_schema(responses=PersonaSerializer(many=True))
-@api_view(["GET"])
-@throttle_classes([ReadThrottle])
-def personas(request: Request) -> Response:
-    return Response(PersonaSerializer([p.as_dict() for p in ai.personas().values()], many=True).data)

@@ -9,10 +9,9 @@ from celery.signals import worker_ready
 from celery.worker import state as worker_state
 from celery.worker.control import control_command, inspect_command
 
-from apps.jobs import callbacks
-from apps.jobs.dispatch import CANCEL_COMMAND
+from apps.jobs.dispatch import CANCEL_COMMAND, DELIVER_CALLBACK, RUN_JOB
 from apps.jobs.reconciler import reconcile as reconcile_jobs
-from tasks import execution
+from tasks import callbacks, execution
 from tasks.sandbox.confinement import capabilities, sweep_slots
 
 log = logging.getLogger(__name__)
@@ -20,7 +19,7 @@ log = logging.getLogger(__name__)
 WORKER_STATUS = "conveyor_status"
 
 
-@shared_task(name="conveyor.run_job", bind=True)
+@shared_task(name=RUN_JOB, bind=True)
 def run_job(self, job_id: str) -> str | None:
     return execution.run(job_id, task_id=self.request.id or "", worker=self.request.hostname or "")
 
@@ -31,7 +30,7 @@ def reconcile() -> dict[str, int]:
 
 
 @shared_task(
-    name=callbacks.DELIVER_CALLBACK,
+    name=DELIVER_CALLBACK,
     autoretry_for=(callbacks.CallbackFailed,),
     retry_backoff=2,
     retry_backoff_max=600,

@@ -1,22 +1,22 @@
-"""Callbacks: when a job with a `callback_url` finishes, its outcome is POSTed there as JSON.
+"""Callback delivery (on workers): when a job with a `callback_url` finishes, the lifecycle publishes
+`conveyor.deliver_callback`, and this POSTs the job's outcome there as JSON.
 
-Only hosts listed in CALLBACK_ALLOWED_HOSTS are called (checked at submission and again at
-delivery), redirects are not followed, and a failed delivery is retried by Celery with backoff.
+Only hosts listed in CALLBACK_ALLOWED_HOSTS are called (checked at submission and again here, see
+`apps.jobs.dispatch.callback_host_allowed`), redirects are not followed, and a failed delivery is
+retried by Celery with backoff.
 """
 
 import json
 import urllib.error
 import urllib.request
 from typing import Any
-from urllib.parse import urlparse
 from uuid import UUID
 
 from django.conf import settings
 from django.core.serializers.json import DjangoJSONEncoder
 
+from apps.jobs.dispatch import callback_host_allowed as host_allowed
 from apps.jobs.models import Job
-
-DELIVER_CALLBACK = "conveyor.deliver_callback"
 
 
 class CallbackFailed(Exception):
@@ -29,12 +29,6 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
 
 
 _opener = urllib.request.build_opener(_NoRedirects)
-
-
-def host_allowed(url: str) -> bool:
-    allowed = settings.CALLBACK_ALLOWED_HOSTS
-    host = urlparse(url).hostname or ""
-    return "*" in allowed or host.lower() in (h.lower() for h in allowed)
 
 
 def body(job: Job) -> dict[str, Any]:

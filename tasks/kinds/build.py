@@ -2,9 +2,8 @@
 
 from typing import Any
 
-from apps.jobs.models import Job
-from tasks.toolrun import tool_run
-from tasks.types import Report
+from tasks.context import Context
+from tasks.kinds.tool import tool_run
 
 # No isolation: the sandbox has no network to install a build backend into a fresh environment, so
 # the toolchain's own setuptools (and wheel) build it.
@@ -12,8 +11,9 @@ DEFAULT_COMMAND = ["python", "-m", "build", "--no-isolation"]
 DEFAULT_ARTIFACTS = ["dist/*"]
 
 
-def handle(job: Job, report: Report) -> dict[str, Any]:
-    with tool_run(job, report) as run:
+def handle(ctx: Context) -> dict[str, Any]:
+    job = ctx.job
+    with tool_run(ctx) as run:
         code = run.run(run.command or DEFAULT_COMMAND)
         found = run.collect_artifacts(job.payload.get("artifacts") or DEFAULT_ARTIFACTS)
         for artifact in found:

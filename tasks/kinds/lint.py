@@ -5,10 +5,8 @@ from collections import Counter
 from pathlib import PurePosixPath
 from typing import Any
 
-from apps.jobs.errors import PermanentError
-from apps.jobs.models import Job
-from tasks.toolrun import tool_run
-from tasks.types import Report
+from tasks.context import Context, PermanentError
+from tasks.kinds.tool import tool_run
 
 DEFAULT_COMMAND = ["ruff", "check", "--output-format", "json"]
 MAX_DIAGNOSTICS = 1000
@@ -16,8 +14,9 @@ MAX_REPORT_BYTES = 5 * 1024 * 1024  # ~15,000 diagnostics; parsed whole, so kept
 MAX_CODES = 200  # the most frequent rule codes in `by_code` (a report is the job's to write)
 
 
-def handle(job: Job, report: Report) -> dict[str, Any]:
-    with tool_run(job, report) as run:
+def handle(ctx: Context) -> dict[str, Any]:
+    job = ctx.job
+    with tool_run(ctx) as run:
         findings = run.workspace.out / "ruff.json"
         # Through the environment, any ruff the command starts writes JSON to the report file.
         code = run.run(

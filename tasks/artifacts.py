@@ -1,4 +1,5 @@
-"""Build artifacts: kept through Django's storage API after the work directory is gone."""
+"""Build artifacts: kept through Django's storage API after the work directory is gone. Handlers reach
+this through their context (`ctx.keep_artifact`)."""
 
 import hashlib
 import tempfile
@@ -10,6 +11,8 @@ from django.db.models import QuerySet
 from django.urls import reverse
 
 from apps.jobs.models import Artifact, Job
+
+NAME_MAX = Artifact._meta.get_field("name").max_length
 
 
 def store(job: Job, name: str, f: BinaryIO, size: int) -> Artifact:

@@ -10,44 +10,41 @@ from functools import partial
 
 from django.conf import settings
 
-from apps.jobs import artifacts
-from apps.jobs.models import Artifact, Job
+from tasks.context import Context
 from tasks.sandbox import sources
 from tasks.sandbox.confinement import capabilities
 from tasks.sandbox.files import JobTree, glob_match, may_match_below
 from tasks.sandbox.joblog import JobLog
 from tasks.sandbox.runner import LimitExceeded, run_command
 from tasks.sandbox.workspace import Workspace
-from tasks.types import Report
 
 
 @dataclass
 class ToolRun:
-    job: Job
-    report: Report
+    ctx: Context
     workspace: Workspace
     log: JobLog
 
     @property
     def command(self) -> list[str] | None:
-        return self.job.payload.get("command")
+        return self.ctx.job.payload.get("command")
 
     def note(self, text: str) -> None:
         self.log.line(f"[conveyor] {text}")
 
     def run(self, argv: list[str], env: dict[str, str] | None = None) -> int:
         """Run `argv` in the sandbox with the job's own `env` (and `env`, the kind's additions)."""
-        self.report(20, "running")
+        self.ctx.report(20, "running")
         self.log.line(f"$ {shlex.join(argv)}")
         code = run_command(
             argv,
             self.workspace,
             self.log,
-            env={**self.job.payload.get("env", {}), **(env or {})},
-            cpu_seconds=self.job.timeout_seconds + settings.JOBS_HARD_TIMEOUT_GRACE_SECONDS,
+            env={**self.ctx.job.payload.get("env", {}), **(env or {})},
+            cpu_seconds=self.ctx.job.timeout_seconds + settings.JOBS_HARD_TIMEOUT_GRACE_SECONDS,
         )
         self.log.line(f"[conveyor] exit code {code}")
-        self.report(90, "collecting results")
+        self.ctx.report(90, "collecting results")
         return code
 
     def read_report(self, path: str, max_bytes: int) -> bytes | None:
@@ -65,8 +62,9 @@ class ToolRun:
         below = partial(_any_below, patterns)
         with JobTree(self.workspace.root, self.note) as tree:
             for rel, f, size in tree.files("src", wanted, below, settings.JOB_ARTIFACTS_MAX_BYTES):
-                if len(rel) > MAX_ARTIFACT_NAME or not _is_text(rel):
-                    self.note(f"not collected: {_shown(rel)} (a name must be UTF-8, at most {MAX_ARTIFACT_NAME} long)")
+                longest = self.ctx.artifact_name_max
+                if len(rel) > longest or not _is_text(rel):
+                    self.note(f"not collected: {_shown(rel)} (a name must be UTF-8, at most {longest} long)")
                     continue
                 if len(kept) >= settings.JOB_ARTIFACTS_MAX_FILES or total + size > settings.JOB_ARTIFACTS_MAX_BYTES:
                     self.note(
@@ -75,12 +73,9 @@ class ToolRun:
                     )
                     continue
                 total += size
-                kept.append(artifacts.describe(artifacts.store(self.job, rel, f, size)))
-        artifacts.drop_others(self.job, {a["name"] for a in kept})
+                kept.append(self.ctx.keep_artifact(rel, f, size))
+        self.ctx.drop_artifacts_except({a["name"] for a in kept})
         return kept
-
-
-MAX_ARTIFACT_NAME = Artifact._meta.get_field("name").max_length
 
 
 def _is_text(name: str) -> bool:
@@ -104,19 +99,20 @@ def _any_below(patterns: list[str], path: str) -> bool:
 
 
 @contextmanager
-def tool_run(job: Job, report: Report) -> Iterator[ToolRun]:
+def tool_run(ctx: Context) -> Iterator[ToolRun]:
     """A fresh work directory with the job's source in it; removed afterwards, whatever happens."""
-    log = JobLog(job.pk)
+    job = ctx.job
+    log = ctx.output
     workspace = None
     try:
         # The first line goes out before the work directory is made (its disk takes tens of ms).
-        log.line(f"[conveyor] attempt {job.attempts} of {job.kind} job {job.pk}; sandbox: {capabilities().describe()}")
+        log.line(f"[conveyor] attempt {job.attempt} of {job.kind} job {job.id}; sandbox: {capabilities().describe()}")
         workspace = Workspace.create()
         if workspace.slot and workspace.slot.uid is not None:
             log.line(f"[conveyor] running as uid {workspace.slot.uid} (slot {workspace.slot.number})")
-        report(5, "fetching source")
-        sources.fetch(job, workspace, log)
-        yield ToolRun(job, report, workspace, log)
+        ctx.report(5, "fetching source")
+        sources.fetch(job.payload["source"], workspace, log, ctx.open_upload)
+        yield ToolRun(ctx, workspace, log)
     except LimitExceeded as exc:
         log.line(f"[conveyor] stopped: {exc}")
         raise
