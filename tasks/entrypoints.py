@@ -5,9 +5,11 @@ import logging
 from typing import Any
 
 from celery import shared_task
+from celery.concurrency.base import BasePool
 from celery.signals import worker_ready
 from celery.worker import state as worker_state
 from celery.worker.control import control_command, inspect_command
+from celery.worker.request import Request
 
 from apps.jobs.dispatch import CANCEL_COMMAND, DELIVER_CALLBACK, RUN_JOB
 from apps.jobs.reconciler import reconcile as reconcile_jobs
@@ -19,7 +21,37 @@ log = logging.getLogger(__name__)
 WORKER_STATUS = "conveyor_status"
 
 
-@shared_task(name=RUN_JOB, bind=True)
+class JobRequest(Request):
+    """How Celery stops a running job (`revoke --terminate`, a cancel, a cold or soft shutdown). On
+    prefork, SIGTERM to the job's pool process, as Celery does. A threads or solo pool has no process
+    of its own per job (Celery would raise NotImplementedError and crash on a cold shutdown): the
+    attempt is stopped in place, its provider stream cut, and it is handed back (a shutdown, not
+    counted as an attempt) or ends cancelled."""
+
+    def terminate(self, pool: Any, signal: Any = None) -> None:
+        if _kills_processes(pool):
+            super().terminate(pool, signal)
+        else:
+            self._stop_in_place("stopped (terminated)")
+
+    def cancel(self, pool: Any, signal: Any = None, emit_retry: bool = True) -> None:
+        if _kills_processes(pool):
+            super().cancel(pool, signal, emit_retry=emit_retry)
+        else:
+            self._stop_in_place("the worker is shutting down")
+
+    def _stop_in_place(self, reason: str) -> None:
+        heartbeat = execution.Heartbeat.get()
+        for watched in execution.Heartbeat.watching(str(self.args[0]), self.id):
+            heartbeat.stop(watched, reason)
+
+
+def _kills_processes(pool: Any) -> bool:
+    """Whether the pool can stop one job by signalling its process (prefork does; threads and solo do not)."""
+    return type(pool).terminate_job is not BasePool.terminate_job
+
+
+@shared_task(name=RUN_JOB, bind=True, Request=JobRequest)
 def run_job(self, job_id: str) -> str | None:
     return execution.run(job_id, task_id=self.request.id or "", worker=self.request.hostname or "")
 
@@ -52,18 +84,14 @@ def _status_command(state: Any) -> dict[str, Any]:
     return worker_status(sorted(queue.name for queue in state.consumer.task_consumer.queues))
 
 
-@control_command(name=CANCEL_COMMAND, args=[("job_id", str)], signature="<job_id>")
-def _cancel_command(state: Any, job_id: str) -> dict[str, Any]:
-    """Stop the running attempt of a cancelled job, if this worker runs it: in a prefork pool process
-    by SIGTERM (what `revoke --terminate` does), in a threads or solo pool by interrupting it in place."""
-    watched = execution.Heartbeat.watching(job_id)
-    if watched is not None:
-        execution.Heartbeat.get().stop(watched, "cancelled")
-        return {"ok": "interrupted"}
+@control_command(name=CANCEL_COMMAND, args=[("job_id", str), ("task_id", str)], signature="<job_id> <task_id>")
+def _cancel_command(state: Any, job_id: str, task_id: str = "") -> dict[str, Any]:
+    """Stop the running attempt of a cancelled job, if this worker runs it (the attempt's own Celery
+    task, not another delivery of the job's message): see `JobRequest.terminate`."""
     for request in list(worker_state.active_requests):
-        if request.name == run_job.name and list(request.args)[:1] == [job_id] and request.worker_pid:
+        if request.name == RUN_JOB and request.id == task_id and list(request.args)[:1] == [job_id]:
             request.terminate(state.consumer.pool, signal="SIGTERM")
-            return {"ok": "terminated"}
+            return {"ok": "stopped"}
     return {"ok": "not running here"}
 
 

@@ -55,23 +55,26 @@ class Attempt:
     it is interrupted from another thread, why."""
 
     deadline: float
+    # True where the interruption comes from another thread (threads, solo pools), not as SIGTERM.
+    in_place: bool = False
     reason: str = ""
     _callbacks: list[Callable[[], object]] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _event: threading.Event = field(default_factory=threading.Event)
 
     def interrupt(self, reason: str) -> None:
+        # The callbacks run under the lock that `on_interrupt` takes to unregister them: once its block
+        # is over, no callback of it runs (its stream may be another job's by then).
         with self._lock:
             if self.reason:
                 return
             self.reason = reason
-            callbacks = list(self._callbacks)
-        self._event.set()
-        for callback in callbacks:
-            try:
-                callback()
-            except Exception:  # noqa: S112 (closing what is already broken: nothing to add)
-                continue
+            self._event.set()
+            for callback in self._callbacks:
+                try:
+                    callback()
+                except Exception:  # noqa: S112 (closing what is already broken: nothing to add)
+                    continue
 
     def time_left(self) -> float:
         return max(0.0, self.deadline - time.monotonic())
@@ -119,6 +122,13 @@ def on_interrupt(callback: Callable[[], object]) -> Iterator[None]:
         with attempt._lock:
             attempt._callbacks.remove(callback)
     check()
+
+
+def stops_in_place() -> bool:
+    """Whether the running attempt would be stopped from another thread (threads, solo pools): then a
+    connection it reads must be its own, never handed to another job afterwards (see `on_interrupt`)."""
+    attempt = current()
+    return attempt is not None and attempt.in_place
 
 
 def sleep(seconds: float) -> None:

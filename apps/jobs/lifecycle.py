@@ -330,6 +330,13 @@ def heartbeat(job: Job) -> bool:
     return sql.heartbeat(job.pk, job.lease)
 
 
+def heartbeats(jobs: list[Job]) -> dict[tuple[UUID, UUID], bool]:
+    """Renew the leases of several running attempts at once: for each (job, lease) still held, whether
+    it was renewed (a row locked elsewhere is skipped this time); an attempt missing from it was
+    cancelled or taken over."""
+    return sql.heartbeats([(job.pk, job.lease) for job in jobs])
+
+
 def set_progress(job: Job, percent: int, message: str) -> None:
     if Job.objects.filter(pk=job.pk, status=Status.RUNNING, lease=job.lease).update(
         progress=percent, progress_message=storable(message[:200])

@@ -122,7 +122,8 @@ def cancel_job(job: Job) -> Job:
         # The running process also notices at its next heartbeat, should this broadcast be lost (or
         # the broker be down: the cancel is committed either way).
         try:
-            current_app.control.broadcast(CANCEL_COMMAND, arguments={"job_id": str(job.pk)})
+            arguments = {"job_id": str(job.pk), "task_id": before.task_id}
+            current_app.control.broadcast(CANCEL_COMMAND, arguments=arguments)
         except Exception:
             log.warning("could not broadcast the cancel of job %s; its heartbeat will stop it", job.pk, exc_info=True)
     job.refresh_from_db()

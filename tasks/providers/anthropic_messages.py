@@ -6,7 +6,7 @@ import anthropic
 from django.conf import settings
 
 from tasks import interrupts
-from tasks.providers.common import Generation, OnDelta, cut, http_client
+from tasks.providers.common import Generation, OnDelta, cut, http_client, stream_headers
 
 
 def generate(request: dict[str, Any], key: str, on_delta: OnDelta) -> Generation:
@@ -22,7 +22,7 @@ def generate(request: dict[str, Any], key: str, on_delta: OnDelta) -> Generation
         [request["system"]] * bool(request["system"])
         + [m["content"] for m in request["messages"] if m["role"] == "system"]
     )
-    options: dict[str, Any] = {"max_tokens": request["max_tokens"]}
+    options: dict[str, Any] = {"max_tokens": request["max_tokens"], "extra_headers": stream_headers()}
     if system:
         options["system"] = system
     if request["temperature"] is not None:

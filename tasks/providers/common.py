@@ -12,6 +12,7 @@ import anthropic
 import openai
 
 from project.processes import per_process
+from tasks import interrupts
 from tasks.context import PermanentError, RetryableError
 
 # Anything that looks like a provider key, in case a server echoes a key other than the one we sent.
@@ -41,12 +42,22 @@ def http_client(provider: str) -> Any:
 def cut(response: Any) -> None:
     """End a streamed answer from another thread: shut its socket down, which wakes the read that waits
     on it (closing the socket or the response would not, and the response is not the caller's to
-    touch). The reading thread then sees the connection end and the SDK raises."""
+    touch). The reading thread then sees the connection end and the SDK raises. The request was sent
+    with `Connection: close` (`stream_headers`), so the socket is never one that another job reuses."""
+    if response.is_closed:
+        return
     network_stream = response.extensions.get("network_stream")
     sock = network_stream.get_extra_info("socket") if network_stream is not None else None
     if sock is not None:
         with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_RDWR)
+
+
+def stream_headers() -> dict[str, str] | None:
+    """Headers of a streamed request: where the stream may be cut from another thread, a connection
+    of its own (not kept alive for the next request: once this one returns it to the pool, a cut meant
+    for this job could reach another's)."""
+    return {"Connection": "close"} if interrupts.stops_in_place() else None
 
 
 def redact(message: str, key: str) -> str:

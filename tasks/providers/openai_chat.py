@@ -6,7 +6,7 @@ import openai
 from django.conf import settings
 
 from tasks import interrupts
-from tasks.providers.common import Generation, OnDelta, cut, http_client
+from tasks.providers.common import Generation, OnDelta, cut, http_client, stream_headers
 
 
 def generate(request: dict[str, Any], key: str, on_delta: OnDelta) -> Generation:
@@ -19,7 +19,7 @@ def generate(request: dict[str, Any], key: str, on_delta: OnDelta) -> Generation
     )
     messages = [{"role": "system", "content": request["system"]}] if request["system"] else []
     messages += request["messages"]
-    options: dict[str, Any] = {"max_tokens": request["max_tokens"]}
+    options: dict[str, Any] = {"max_tokens": request["max_tokens"], "extra_headers": stream_headers()}
     if request["temperature"] is not None:
         options["temperature"] = request["temperature"]
     out = Generation(model=request["model"])
