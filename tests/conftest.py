@@ -1,4 +1,5 @@
-"""Fixtures: users and API clients, and a real Celery worker (a separate process) on the test database.
+"""Fixtures: users and API clients (made by `tests.factories`), and a real Celery worker (a separate
+process) on the test database.
 
 Tests that need the worker must use `django_db(transaction=True)`: the worker is another process
 and only sees committed rows.
@@ -27,10 +28,10 @@ from django.conf import settings
 from django.contrib.auth.models import User
 from django.core.cache import cache
 from django.db import connection
-from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from apps.jobs.models import FINAL_STATUSES, Job
+from tests.factories import api_token, make_user
 from tests.fake_llm import FakeLLM
 from tests.git_https import GitServer, make_certificate
 from tests.tooljobs import SAMPLE
@@ -59,6 +60,12 @@ def sse_events(body: str) -> list[tuple[str, dict]]:
             name, _, data = block.partition("\ndata: ")
             events.append((name.removeprefix("event: "), json.loads(data)))
     return events
+
+
+def require_bwrap(mode: str = "bwrap") -> None:
+    """Fail (never skip) a test of the bwrap confinement on a host without bwrap."""
+    if mode == "bwrap" and not shutil.which("bwrap"):
+        pytest.fail("bwrap is required for the sandbox tests (apt-get install bubblewrap)")
 
 
 def wait_final(job_id: object, timeout: float = 20) -> Job:
@@ -394,17 +401,17 @@ def _clear_cache() -> None:
 
 @pytest.fixture
 def user(db: None) -> User:
-    return User.objects.create_user("alice", password="pw-alice")
+    return make_user("alice", password="pw-alice")
 
 
 @pytest.fixture
 def other_user(db: None) -> User:
-    return User.objects.create_user("bob", password="pw-bob")
+    return make_user("bob", password="pw-bob")
 
 
 def client_for(user: User) -> APIClient:
     client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=user).key}")
+    client.credentials(HTTP_AUTHORIZATION=f"Token {api_token(user)}")
     return client
 
 

@@ -12,11 +12,10 @@ from django.utils import timezone
 from drf_spectacular.generators import SchemaGenerator
 from rest_framework.test import APIClient
 
-from apps.jobs import lifecycle
 from apps.jobs.api.serializers import JobSerializer
 from apps.jobs.models import Job, JobEvent
-from apps.jobs.services import build_job
 from tests.conftest import client_for
+from tests.factories import make_job, make_user, submit
 
 pytestmark = pytest.mark.django_db
 
@@ -122,7 +121,7 @@ def test_requests_without_a_valid_token_are_401(user: User) -> None:
 
 
 def test_a_user_never_sees_or_touches_another_users_job(api: APIClient, other_api: APIClient) -> None:
-    job_id = api.post("/api/jobs/", ECHO, format="json").json()["id"]
+    job_id = submit(api, **ECHO)["id"]
 
     assert other_api.get(f"/api/jobs/{job_id}/").status_code == 404
     assert other_api.get(f"/api/jobs/{job_id}/events/").status_code == 404
@@ -133,8 +132,8 @@ def test_a_user_never_sees_or_touches_another_users_job(api: APIClient, other_ap
 
 
 def test_staff_see_every_users_jobs(api: APIClient) -> None:
-    job_id = api.post("/api/jobs/", ECHO, format="json").json()["id"]
-    staff = client_for(User.objects.create_user("ops", is_staff=True))
+    job_id = submit(api, **ECHO)["id"]
+    staff = client_for(make_user("ops", staff=True))
 
     assert staff.get(f"/api/jobs/{job_id}/").status_code == 200
 
@@ -158,7 +157,7 @@ def test_a_repeated_idempotency_key_returns_the_first_job(api: APIClient, other_
 
 def test_the_list_filters_and_pages_with_a_cursor(api: APIClient) -> None:
     for i in range(5):
-        api.post("/api/jobs/", {**ECHO, "priority": "high" if i % 2 else "low"}, format="json")
+        submit(api, **ECHO, priority="high" if i % 2 else "low")
 
     page = api.get("/api/jobs/", {"limit": 2}).json()
     assert set(page) == {"next", "previous", "results"}
@@ -192,7 +191,7 @@ def test_a_batch_is_all_created_or_none(api: APIClient) -> None:
 
 def test_a_batch_stores_the_same_rows_as_single_submissions(api: APIClient) -> None:
     # A batch is written with COPY, a single job with one INSERT statement: the rows must not differ.
-    parent = api.post("/api/jobs/", ECHO, format="json").json()["id"]
+    parent = submit(api, **ECHO)["id"]
     specs = [
         {"kind": "echo", "payload": {"message": 'ünïcode \\ "quoted"\n\ttabbed'}, "priority": "low"},
         {**ECHO, "run_at": "2999-01-01T00:00:00Z", "max_attempts": 7, "timeout_seconds": 12},
@@ -237,19 +236,17 @@ def test_submissions_are_throttled_per_user(api: APIClient, settings: object) ->
     assert api.get("/api/jobs/").status_code == 200  # reads have their own budget
 
 
-def test_a_finished_job_cannot_be_cancelled_and_a_queued_one_cannot_be_retried(api: APIClient) -> None:
-    job_id = api.post("/api/jobs/", ECHO, format="json").json()["id"]
-    Job.objects.filter(pk=job_id).update(status=Job.Status.SUCCEEDED)
+def test_a_finished_job_cannot_be_cancelled_and_a_queued_one_cannot_be_retried(api: APIClient, user: User) -> None:
+    finished, queued = make_job(user, Job.Status.SUCCEEDED), make_job(user)
 
-    assert api.post(f"/api/jobs/{job_id}/cancel/").status_code == 409
-    Job.objects.filter(pk=job_id).update(status=Job.Status.QUEUED)
-    response = api.post(f"/api/jobs/{job_id}/retry/")
+    assert api.post(f"/api/jobs/{finished.pk}/cancel/").status_code == 409
+    response = api.post(f"/api/jobs/{queued.pk}/retry/")
     assert response.status_code == 409
     assert "queued" in response.json()["detail"]
 
 
 def test_cancelling_a_scheduled_job_records_it(api: APIClient) -> None:
-    job_id = api.post("/api/jobs/", {**ECHO, "run_at": "2999-01-01T00:00:00Z"}, format="json").json()["id"]
+    job_id = submit(api, **ECHO, run_at="2999-01-01T00:00:00Z")["id"]
 
     response = api.post(f"/api/jobs/{job_id}/cancel/")
 
@@ -278,17 +275,18 @@ def test_the_openapi_schema_is_valid_and_generates_without_warnings(tmp_path: Pa
 
 
 def test_the_written_out_job_representation_is_drfs_own(api: APIClient, user: User) -> None:
-    parent = lifecycle.create_jobs([build_job(user, {"kind": "echo", "payload": {"message": "p"}})])[0]
-    specs = [
-        {"kind": "echo", "payload": {"message": 'é \\ "q"', "sleep_ms": 5}, "priority": "high"},
-        {"kind": "echo", "payload": {"message": "later"}, "run_at": timezone.now() + timedelta(hours=1),
-         "idempotency_key": "k-1", "parent": parent, "callback_url": "http://127.0.0.1/cb"},
+    parent = make_job(user, payload={"message": "p"})
+    made = [
+        parent,
+        make_job(user, Job.Status.SUCCEEDED, payload={"message": 'é \\ "q"', "sleep_ms": 5}, priority="high",
+                 result={"nested": [1, 2.5, None, {"a": "b"}]}),
+        make_job(user, Job.Status.SCHEDULED, payload={"message": "later"}, run_at=timezone.now() + timedelta(hours=1),
+                 idempotency_key="k-1", parent=parent, callback_url="http://127.0.0.1/cb"),
     ]  # fmt: skip
-    jobs = lifecycle.create_jobs([build_job(user, spec) for spec in specs])
-    claimed = lifecycle.claim(jobs[0].pk, task_id="t", worker="w@host", process="h:1")
-    lifecycle.succeed(claimed, {"nested": [1, 2.5, None, {"a": "b"}]})
 
-    for job in Job.objects.select_related("owner").filter(pk__in=[parent.pk, *(j.pk for j in jobs)]):
+    jobs = list(Job.objects.select_related("owner").filter(pk__in=[job.pk for job in made]))
+    assert len(jobs) == 3  # a comparison of nothing proves nothing
+    for job in jobs:
         serializer = JobSerializer()
         assert serializer.to_representation(job) == serializer.to_representation_by_fields(job)
 
@@ -353,8 +351,7 @@ def test_a_cancel_is_answered_once_committed_even_if_the_revoke_broadcast_fails(
 ) -> None:
     from celery import current_app
 
-    job = lifecycle.create_jobs([build_job(user, {"kind": "echo", "payload": {"message": "m"}})])[0]
-    lifecycle.claim(job.pk, task_id="t1", worker="w", process="h:1")
+    job = make_job(user, Job.Status.RUNNING)
 
     def broker_away(*args: object, **kwargs: object) -> None:
         raise ConnectionError("Error 111 connecting to the broker")
@@ -383,7 +380,7 @@ def endpoints_taking_an_offset() -> list[str]:
 def test_every_endpoint_taking_an_offset_answers_a_bad_one_with_a_400_naming_it(
     api: APIClient, user: User, offset: str
 ) -> None:
-    job = lifecycle.create_jobs([build_job(user, {**ECHO, "run_at": timezone.now() + timedelta(hours=1)})])[0]
+    job = make_job(user, Job.Status.SCHEDULED)
     endpoints = endpoints_taking_an_offset()
 
     answers = {path: api.get(path.format(id=job.pk), {"offset": offset}) for path in endpoints}

@@ -10,6 +10,7 @@ import pytest
 from rest_framework.test import APIClient
 
 from tests.conftest import WorkerProcess, wait_for
+from tests.factories import submit
 
 
 class Receiver(ThreadingHTTPServer):
@@ -49,9 +50,7 @@ def receiver() -> Iterator[Receiver]:
 def test_a_finished_job_is_posted_to_its_callback_url_retrying_a_failing_receiver(
     worker: WorkerProcess, api: APIClient, receiver: Receiver
 ) -> None:
-    payload = {"message": "ring", "fail_times": 0}
-    response = api.post("/api/jobs/", {"kind": "echo", "payload": payload, "callback_url": receiver.url}, format="json")
-    job_id = response.json()["id"]
+    job_id = submit(api, "echo", {"message": "ring", "fail_times": 0}, callback_url=receiver.url)["id"]
 
     wait_for(lambda: len(receiver.calls) == 2, timeout=30, what="the callback to be retried and delivered")
 
@@ -66,9 +65,8 @@ def test_a_finished_job_is_posted_to_its_callback_url_retrying_a_failing_receive
 
 @pytest.mark.django_db
 def test_a_callback_to_a_host_not_allowed_is_refused(api: APIClient) -> None:
-    body = {"kind": "echo", "payload": {"message": "x"}, "callback_url": "http://169.254.169.254/latest/meta-data"}
+    url = "http://169.254.169.254/latest/meta-data"
 
-    response = api.post("/api/jobs/", body, format="json")
+    errors = submit(api, "echo", {"message": "x"}, callback_url=url, expect=400)
 
-    assert response.status_code == 400
-    assert "CALLBACK_ALLOWED_HOSTS" in response.json()["callback_url"][0]
+    assert "CALLBACK_ALLOWED_HOSTS" in errors["callback_url"][0]

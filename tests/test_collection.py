@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 from django.conf import settings
 from django.test import override_settings
-from django.utils import timezone
 
 from apps.jobs.models import Artifact, Job, LogChunk
 from tasks.context import Context
@@ -17,7 +16,9 @@ from tasks.kinds.tool import ToolRun, tool_run
 from tasks.sandbox import confinement
 from tasks.sandbox.runner import run_command
 from tasks.sandbox.workspace import Workspace
-from tests.test_sandbox import Collect, require_bwrap
+from tests.conftest import require_bwrap
+from tests.factories import make_job, make_user
+from tests.test_sandbox import Collect
 
 pytestmark = pytest.mark.django_db
 
@@ -43,10 +44,9 @@ print("left behind")
 
 
 @pytest.fixture(params=["rlimit", "bwrap"])
-def run(request: pytest.FixtureRequest, django_user_model: object) -> ToolRun:
+def run(request: pytest.FixtureRequest, db: None) -> ToolRun:
     require_bwrap(request.param)
-    owner = django_user_model.objects.create_user(f"collector-{request.param}")
-    job = Job.objects.create(owner=owner, kind="build", payload={}, created_at=timezone.now())
+    job = make_job(make_user(f"collector-{request.param}"), Job.Status.RUNNING, kind="build")
     workspace = Workspace.create(sandbox=request.param)
     ctx = context(job)
     yield ToolRun(ctx, workspace, ctx.output)
@@ -149,11 +149,9 @@ def test_artifacts_match_globs_skip_links_and_replace_an_earlier_attempts(run: T
     assert [a["name"] for a in run.collect_artifacts(["dist/**"])] == ["dist/new.whl", "dist/sub/deep.txt"]
 
 
-def test_the_unconfined_mode_says_so_on_the_jobs_first_log_line(django_user_model: object) -> None:
-    owner = django_user_model.objects.create_user("unconfined")
-    job = Job.objects.create(
-        owner=owner, kind="test", payload={"source": {"files": {"a.py": ""}}}, created_at=timezone.now()
-    )
+def test_the_unconfined_mode_says_so_on_the_jobs_first_log_line() -> None:
+    source = {"files": {"a.py": ""}}
+    job = make_job(make_user("unconfined"), Job.Status.RUNNING, kind="test", payload={"source": source})
     with override_settings(JOB_SANDBOX="rlimit"):
         confinement.capabilities.cache_clear()
         try:

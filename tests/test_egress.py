@@ -19,6 +19,7 @@ import pytest
 
 from tasks.sandbox import egress
 from tasks.sandbox.egress import RELAY_SOURCE, EgressProxy, address_allowed
+from tests.conftest import require_bwrap
 from tests.git_https import GIT_ENV, GitServer, make_certificate, make_repository
 
 # --- address_allowed ---------------------------------------------------------------------------
@@ -569,10 +570,10 @@ def test_the_relay_exits_with_its_commands_exit_code_and_passes_its_output(
     assert done.stderr == "e"
 
 
-@pytest.mark.skipif(not shutil.which("bwrap"), reason="no bwrap")
 def test_git_in_a_sandbox_with_no_network_fetches_through_the_proxy(
     git_server: GitServer, start_proxy: Callable, socket_dir: Path
 ) -> None:
+    require_bwrap()
     # given a sandbox with only its own loopback, running git as an unprivileged user when we are root
     os.chmod(socket_dir, 0o755)  # noqa: S103 (the sandbox user must reach the socket)
     cert = Path(shutil.copy(git_server.cert, socket_dir / "cert.pem"))

@@ -12,11 +12,11 @@ from rest_framework.test import APIClient
 
 from apps.jobs import lifecycle
 from apps.jobs.models import Job
-from apps.jobs.services import build_job
 from tasks import execution
 from tasks.context import Context, JobInterrupted, RetryableError
 from tasks.kinds import HANDLERS
 from tests.conftest import WorkerProcess, wait_final
+from tests.factories import make_job, submit
 from tests.fake_llm import FakeLLM
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -25,11 +25,6 @@ pytestmark = pytest.mark.django_db(transaction=True)
 @pytest.fixture
 def no_worker(no_shared_worker: None) -> None:
     """These attempts run in this process: no worker may take their jobs first."""
-
-
-def queued(user: User, **fields: object) -> Job:
-    spec = {"kind": "echo", "payload": {"message": "m"}, **fields}
-    return lifecycle.create_jobs([build_job(user, spec)])[0]
 
 
 def attempt(job: Job, handler: Callable, monkeypatch: pytest.MonkeyPatch) -> str | None:
@@ -43,7 +38,7 @@ def test_an_error_after_the_deadline_is_a_timeout_never_a_retry(user: User, monk
         time.sleep(1.1)
         raise RetryableError("anthropic: connection failed: the soft time limit")
 
-    job = queued(user, timeout_seconds=1, max_attempts=3)
+    job = make_job(user, timeout_seconds=1, max_attempts=3)
 
     assert attempt(job, sdk_that_turns_the_time_limit_into_a_connection_error, monkeypatch) == "timed_out"
 
@@ -60,7 +55,7 @@ def test_the_hard_time_limits_signal_after_the_deadline_times_the_job_out(
         time.sleep(1.1)
         raise JobInterrupted("stopped by signal SIGTERM")
 
-    job = queued(user, timeout_seconds=1, max_attempts=3)
+    job = make_job(user, timeout_seconds=1, max_attempts=3)
 
     assert attempt(job, cleanup_that_outlasts_the_grace, monkeypatch) == "timed_out"
     assert Job.objects.get(pk=job.pk).attempts == 1
@@ -71,7 +66,7 @@ def test_a_stop_before_the_deadline_hands_the_job_back(user: User, monkeypatch: 
     def stopped(ctx: Context) -> dict:
         raise JobInterrupted("stopped by signal SIGTERM")
 
-    job = queued(user, max_attempts=1)
+    job = make_job(user, max_attempts=1)
 
     assert attempt(job, stopped, monkeypatch) == "queued"
     stored = Job.objects.get(pk=job.pk)
@@ -86,7 +81,7 @@ def test_a_result_the_database_refuses_ends_the_job_failed_with_the_reason(
         raise DataError("unsupported Unicode escape sequence")
 
     monkeypatch.setattr(lifecycle, "succeed", refused)
-    job = queued(user)
+    job = make_job(user)
 
     assert attempt(job, lambda ctx: {"text": "x"}, monkeypatch) == "failed"
 
@@ -110,7 +105,7 @@ def test_an_outcome_that_cannot_be_written_leaves_the_message_unacknowledged(
 
     monkeypatch.setattr(lifecycle, "succeed", database_away)
     monkeypatch.setattr(execution, "WRITE_PAUSE", 0.01)
-    job = queued(user)
+    job = make_job(user)
 
     with pytest.raises(Reject) as rejected:
         attempt(job, lambda ctx: {"ok": True}, monkeypatch)
@@ -125,11 +120,10 @@ def test_a_provider_that_hangs_past_the_deadline_times_the_job_out(
     worker: WorkerProcess, api: APIClient, llm: FakeLLM, provider: str
 ) -> None:
     llm.reset(response_delay=15)
-    body = {"prompt": f"hang {provider}", "provider": provider, "timeout_seconds": 2, "max_attempts": 3}
-    response = api.post("/api/ai/generate/", body, format="json")
-    assert response.status_code == 201, response.content
+    request = {"prompt": f"hang {provider}", "provider": provider}
+    job_id = submit(api, "ai_generate", request, shortcut=True, timeout_seconds=2, max_attempts=3)["id"]
 
-    job = wait_final(response.json()["id"], timeout=30)
+    job = wait_final(job_id, timeout=30)
 
     timeline = list(job.events.values_list("type", "message"))
     assert job.status == Job.Status.TIMED_OUT, timeline
@@ -142,9 +136,9 @@ def test_a_nul_in_a_providers_reply_is_kept_and_the_job_succeeds(
     worker: WorkerProcess, api: APIClient, llm: FakeLLM
 ) -> None:
     llm.reset(tokens=["before", "\x00", "after"])
-    response = api.post("/api/ai/generate/", {"prompt": "nul", "provider": "openai"}, format="json")
+    job_id = submit(api, "ai_generate", {"prompt": "nul", "provider": "openai"}, shortcut=True)["id"]
 
-    job = wait_final(response.json()["id"], timeout=30)
+    job = wait_final(job_id, timeout=30)
 
     assert job.status == Job.Status.SUCCEEDED, job.error
     assert job.attempts == 1

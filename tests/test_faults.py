@@ -19,15 +19,19 @@ from django.utils import timezone
 from apps.jobs import lifecycle
 from apps.jobs.models import Job
 from apps.jobs.reconciler import CLAIM_ORDER_SLACK_SECONDS
-from apps.jobs.services import build_job
 from tests.conftest import BeatProcess, PrivateRedis, WorkerProcess, publishing_to, wait_final, wait_for
+from tests.factories import make_job
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-def echo(user: User, sleep_ms: int = 0, **fields: object) -> Job:
-    spec = {"kind": "echo", "payload": {"message": "m", "sleep_ms": sleep_ms}, **fields}
-    return lifecycle.create_jobs([build_job(user, spec)])[0]
+def connections_made(worker: WorkerProcess) -> int:
+    """How many times the worker has connected to the broker (its consumer says so in its log)."""
+    return worker.log_path.read_text(errors="replace").count("Connected to redis://")
+
+
+def ended(jobs: list[Job]) -> int:
+    return Job.objects.filter(pk__in=[job.pk for job in jobs], status=Job.Status.SUCCEEDED).count()
 
 
 def running_events(job: Job) -> int:
@@ -54,7 +58,7 @@ class Feeder(threading.Thread):
     def run(self) -> None:
         try:
             while not self.stop.is_set():
-                self.jobs.append(echo(self.user, self.sleep_ms))
+                self.jobs.append(make_job(self.user, payload={"sleep_ms": self.sleep_ms}))
                 self.stop.wait(self.every)
         finally:
             connection.close()
@@ -66,10 +70,10 @@ def test_a_lost_message_on_a_busy_queue_is_found_and_only_it_is_published_again(
     client = redis.Redis.from_url(settings.CELERY_BROKER_URL)
     feeder = Feeder(user, every=0.05, sleep_ms=30)  # ~20 jobs/s against ~2 workers x 30 ms
     for _ in range(12):  # a backlog, so that the job's message is still waiting when it is removed
-        echo(user, 100)
+        make_job(user, payload={"sleep_ms": 100})
     feeder.start()
     try:
-        lost = echo(user, 50)
+        lost = make_job(user, payload={"sleep_ms": 50})
         where = message_of(client, "default", lost)
         assert where is not None, "the message was taken before it could be removed"
         assert client.lrem(where[0], 1, where[1]) == 1
@@ -98,10 +102,12 @@ def test_a_lost_message_on_a_busy_queue_is_found_and_only_it_is_published_again(
 def test_run_at_is_kept_within_a_second_while_every_worker_slot_is_busy(
     worker: WorkerProcess, beat: BeatProcess, user: User
 ) -> None:
-    blockers = [echo(user, 60_000) for _ in range(2)]
+    blockers = [make_job(user, payload={"sleep_ms": 60_000}) for _ in range(2)]
     wait_for(lambda: Job.objects.filter(pk__in=[b.pk for b in blockers], status="running").count() == 2)
     start = timezone.now() + timedelta(seconds=2)
-    scheduled = [echo(user, run_at=start + timedelta(milliseconds=150 * i)) for i in range(20)]
+    scheduled = [
+        make_job(user, Job.Status.SCHEDULED, run_at=start + timedelta(milliseconds=150 * i)) for i in range(20)
+    ]
     try:
         wait_for(
             lambda: not Job.objects.filter(pk__in=[j.pk for j in scheduled], status="scheduled").exists(),
@@ -123,18 +129,19 @@ def test_run_at_is_kept_within_a_second_while_every_worker_slot_is_busy(
 
 def test_a_broker_blip_does_not_restart_a_running_job(worker: WorkerProcess, user: User) -> None:
     client = redis.Redis.from_url(settings.CELERY_BROKER_URL)
-    job = echo(user, 6000)
+    job = make_job(user, payload={"sleep_ms": 6000})
     wait_for(lambda: Job.objects.get(pk=job.pk).status == "running")
 
     for _ in range(2):
+        connected = connections_made(worker)
         assert client.client_kill_filter(_type="normal", skipme=True) >= 1
-        time.sleep(1.5)
+        wait_for(lambda n=connected: connections_made(worker) > n, what="the worker to connect to the broker again")
     done = wait_final(job.pk, timeout=30)
 
     assert done.status == Job.Status.SUCCEEDED
     assert done.attempts == 1
     assert list(done.events.values_list("type", flat=True)) == ["queued", "running", "succeeded"]
-    after = echo(user)  # the worker consumes again
+    after = make_job(user)  # the worker consumes again
     assert wait_final(after.pk).status == Job.Status.SUCCEEDED
 
 
@@ -152,9 +159,12 @@ def test_jobs_run_once_each_while_the_broker_restarts(process_env: dict, user: U
         worker.start()
         beat.start()
         try:
-            jobs = [echo(user, 20 + (i % 5) * 20) for i in range(500)]
+            jobs = [make_job(user, payload={"sleep_ms": 20 + (i % 5) * 20}) for i in range(500)]
             for _ in range(3):
-                time.sleep(2)
+                # Each restart while the jobs run, once the worker has got on with them since the last
+                # (the messages a restart loses run once the reconciler has published them again).
+                enough = ended(jobs) + 20
+                wait_for(lambda enough=enough: ended(jobs) >= enough, timeout=30, what="20 more jobs to end")
                 broker.restart()
             done = [wait_final(job.pk, timeout=120) for job in jobs]
         finally:
@@ -174,7 +184,7 @@ def test_a_worker_shutting_down_hands_its_running_job_back_without_burning_an_at
     env = {**process_env, "REMAP_SIGTERM": "SIGQUIT", "CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT": "1"}
     leaving = WorkerProcess(env, tmp_path / "leaving.log")
     leaving.start()
-    job = echo(user, 8000, max_attempts=1)
+    job = make_job(user, payload={"sleep_ms": 8000}, max_attempts=1)
     wait_for(lambda: Job.objects.get(pk=job.pk).status == "running")
 
     os.killpg(leaving.proc.pid, signal.SIGTERM)  # a deploy: the soft shutdown, then the cold one

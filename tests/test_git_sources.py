@@ -12,8 +12,8 @@ from django.test import override_settings
 from tasks.context import PermanentError, RetryableError
 from tasks.sandbox.sources import clone
 from tasks.sandbox.workspace import Workspace
+from tests.conftest import require_bwrap
 from tests.git_https import GitServer
-from tests.test_sandbox import require_bwrap
 
 
 class Lines:

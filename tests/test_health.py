@@ -2,6 +2,7 @@ import pytest
 from rest_framework.test import APIClient
 
 from tests.conftest import WorkerProcess, client_for
+from tests.factories import make_user
 
 
 @pytest.mark.django_db(transaction=True)
@@ -16,8 +17,8 @@ def test_health_reports_database_broker_and_workers_without_auth_but_names_no_ho
 
 
 @pytest.mark.django_db(transaction=True)
-def test_staff_see_which_workers_answered(worker: WorkerProcess, django_user_model: object) -> None:
-    staff = client_for(django_user_model.objects.create_user("operator", is_staff=True))
+def test_staff_see_which_workers_answered(worker: WorkerProcess) -> None:
+    staff = client_for(make_user("operator", staff=True))
 
     body = staff.get("/api/health/").json()
 

@@ -9,20 +9,15 @@ from django.db import connection
 
 from apps.jobs import lifecycle
 from apps.jobs.kinds import KINDS
-from apps.jobs.lifecycle import backoff
 from apps.jobs.models import Job
-from apps.jobs.services import build_job
 from tasks.kinds import HANDLERS
+from tests.factories import make_job
 
 pytestmark = pytest.mark.django_db
 
 
-def new_job(user: User) -> Job:
-    return lifecycle.create_jobs([build_job(user, {"kind": "echo", "payload": {"message": "m"}})])[0]
-
-
 def test_a_queued_job_cannot_be_finished_without_being_claimed(user: User) -> None:
-    job = new_job(user)
+    job = make_job(user)
 
     assert lifecycle.succeed(job, {"x": 1}) is False
     assert lifecycle.end_attempt(job, "E", "boom", retryable=False) is None
@@ -32,7 +27,7 @@ def test_a_queued_job_cannot_be_finished_without_being_claimed(user: User) -> No
 
 
 def test_only_one_of_two_claims_wins(user: User) -> None:
-    job = new_job(user)
+    job = make_job(user)
 
     first = lifecycle.claim(job.pk, task_id="t1", worker="w1", process="h:1")
     second = lifecycle.claim(job.pk, task_id="t2", worker="w2", process="h:2")
@@ -44,22 +39,22 @@ def test_only_one_of_two_claims_wins(user: User) -> None:
 
 def test_the_claimed_job_equals_its_stored_row(user: User) -> None:
     # The claim builds the Job from its statement's RETURNING row, converting values itself.
-    spec = {"kind": "echo", "payload": {"message": 'ü \\ "q"', "sleep_ms": 5}, "run_at": None, "priority": "high"}
-    job = lifecycle.create_jobs([build_job(user, spec)])[0]
+    payload = {"message": 'ü \\ "q"', "sleep_ms": 5}
+    job = make_job(user, payload=payload, run_at=None, priority="high")
 
     claimed = lifecycle.claim(job.pk, task_id="t1", worker="w1", process="h:1")
 
     stored = Job.objects.get(pk=job.pk)
     for field in Job._meta.concrete_fields:
         assert getattr(claimed, field.attname) == getattr(stored, field.attname), field.name
-    assert claimed.payload == spec["payload"]
+    assert claimed.payload == payload
     assert claimed.started_at.tzinfo is not None
     assert claimed._state.adding is False
     assert list(stored.events.values_list("type", "message")) == [("queued", ""), ("running", "attempt 1 on w1")]
 
 
 def test_a_finished_attempt_of_another_process_is_refused(user: User) -> None:
-    job = lifecycle.claim(new_job(user).pk, task_id="t1", worker="w1", process="h:1")
+    job = make_job(user, Job.Status.RUNNING)
     job.lease = uuid.uuid4()  # a stale attempt that lost the job
 
     assert lifecycle.succeed(job, {}) is False
@@ -67,9 +62,7 @@ def test_a_finished_attempt_of_another_process_is_refused(user: User) -> None:
 
 
 def test_a_lost_job_out_of_attempts_is_dead_lettered(user: User) -> None:
-    job = lifecycle.claim(new_job(user).pk, task_id="t1", worker="w1", process="h:1")
-    Job.objects.filter(pk=job.pk).update(max_attempts=1)
-    job.refresh_from_db()
+    job = make_job(user, Job.Status.RUNNING, max_attempts=1)
 
     assert lifecycle.recover_lost(job, "worker lost") == Job.Status.FAILED
     job.refresh_from_db()
@@ -77,30 +70,12 @@ def test_a_lost_job_out_of_attempts_is_dead_lettered(user: User) -> None:
     assert job.error == {"type": "WorkerLost", "message": "worker lost on attempt 1 of 1"}
 
 
-def test_backoff_grows_exponentially_under_its_cap_and_honours_retry_after(settings: object) -> None:
-    settings.JOBS_RETRY_BASE_SECONDS, settings.JOBS_RETRY_MAX_SECONDS = 1.0, 10.0
-
-    assert all(0 <= backoff(1) <= 1 for _ in range(50))
-    assert all(0 <= backoff(3) <= 4 for _ in range(50))
-    assert all(backoff(20) <= 10 for _ in range(50))
-    assert max(backoff(3) for _ in range(200)) > 1  # jitter spreads over the whole window
-    assert backoff(5, retry_after=7) == 7
-    assert backoff(5, retry_after=86_400) == 10  # a server cannot park a job beyond the cap
-
-
 def test_every_kind_has_a_handler() -> None:
     assert set(HANDLERS) == set(KINDS)
 
 
-def claimed(user: User, **fields: object) -> Job:
-    job = new_job(user)
-    if fields:
-        Job.objects.filter(pk=job.pk).update(**fields)
-    return lifecycle.claim(job.pk, task_id="t1", worker="w1", process="h:1")
-
-
 def test_an_attempt_taken_over_writes_nothing_more(user: User) -> None:
-    first = claimed(user)
+    first = make_job(user, Job.Status.RUNNING)
     Job.objects.filter(pk=first.pk).update(heartbeat_at=first.heartbeat_at - timedelta(hours=1))
     assert lifecycle.recover_lost(Job.objects.get(pk=first.pk), "lease ran out") == Job.Status.QUEUED
     second = lifecycle.claim(first.pk, task_id="t2", worker="w2", process="h:2")
@@ -116,7 +91,7 @@ def test_an_attempt_taken_over_writes_nothing_more(user: User) -> None:
 
 
 def test_the_lease_is_stamped_by_the_databases_clock(user: User) -> None:
-    job = claimed(user)
+    job = make_job(user, Job.Status.RUNNING)
     with connection.cursor() as cursor:
         cursor.execute("SELECT now()")
         db_now = cursor.fetchone()[0]
@@ -136,7 +111,7 @@ def test_the_lease_is_stamped_by_the_databases_clock(user: User) -> None:
 def test_one_function_decides_what_follows_a_failed_attempt(
     user: User, retryable: bool, attempts: int, max_attempts: int, expected: str
 ) -> None:
-    job = claimed(user, attempts=attempts - 1, max_attempts=max_attempts)
+    job = make_job(user, Job.Status.RUNNING, attempts=attempts, max_attempts=max_attempts)
 
     assert lifecycle.end_attempt(job, "E", "boom", retryable=retryable) == expected
 
@@ -147,7 +122,7 @@ def test_one_function_decides_what_follows_a_failed_attempt(
 
 
 def test_a_timed_out_attempt_is_timed_out_whatever_attempts_are_left(user: User) -> None:
-    job = claimed(user, max_attempts=5)
+    job = make_job(user, Job.Status.RUNNING, max_attempts=5)
 
     assert lifecycle.end_attempt(job, "RetryableError", "conn reset", retryable=True, timed_out=True) == "timed_out"
     assert Job.objects.get(pk=job.pk).error == {"type": "TimeoutError", "message": "timed out after 60s"}
@@ -155,7 +130,7 @@ def test_a_timed_out_attempt_is_timed_out_whatever_attempts_are_left(user: User)
 
 def test_a_hand_back_does_not_count_as_an_attempt_a_bounded_number_of_times(user: User, settings: object) -> None:
     settings.JOBS_MAX_HANDBACKS = 2
-    job = new_job(user)
+    job = make_job(user)
     for handed in (1, 2):
         running = lifecycle.claim(job.pk, task_id="t", worker="w", process="h:1")
         assert lifecycle.hand_back(running, "worker shutting down") == Job.Status.QUEUED
@@ -168,7 +143,7 @@ def test_a_hand_back_does_not_count_as_an_attempt_a_bounded_number_of_times(user
 
 
 def test_what_the_database_cannot_hold_is_cleaned_before_it_is_written(user: User) -> None:
-    job = claimed(user)
+    job = make_job(user, Job.Status.RUNNING)
 
     assert lifecycle.succeed(job, {"text": "a\x00b\ud800", "score": float("nan"), "ok": [1.5, float("inf")]})
 

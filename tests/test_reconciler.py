@@ -8,10 +8,9 @@ from django.contrib.auth.models import User
 from django.db import connection
 from django.utils import timezone
 
-from apps.jobs import lifecycle
 from apps.jobs.models import Job
 from apps.jobs.reconciler import reconcile
-from apps.jobs.services import build_job
+from tests.factories import make_job
 
 pytestmark = pytest.mark.django_db
 
@@ -45,10 +44,11 @@ def test_each_reconciler_query_reaches_only_jobs_of_its_status_through_an_index(
 
 def test_finished_jobs_are_left_alone_and_due_scheduled_ones_are_queued(user: User) -> None:
     old = timezone.now() - timedelta(days=1)
-    done = lifecycle.create_jobs([build_job(user, {"kind": "echo", "payload": {"message": "d"}}) for _ in range(50)])
-    Job.objects.filter(pk__in=[j.pk for j in done]).update(status=Job.Status.SUCCEEDED, heartbeat_at=old)
-    due = lifecycle.create_jobs([build_job(user, {"kind": "echo", "payload": {"message": "s"}, "run_at": old})])[0]
-    Job.objects.filter(pk=due.pk).update(status=Job.Status.SCHEDULED, queued_at=None)
+    done = [make_job(user, Job.Status.SUCCEEDED) for _ in range(50)]
+    # A silent heartbeat on each, which only the status tells apart from a lost worker's.
+    Job.objects.filter(pk__in=[j.pk for j in done]).update(heartbeat_at=old)
+    due = make_job(user, Job.Status.SCHEDULED)
+    Job.objects.filter(pk=due.pk).update(run_at=old)  # its time came a day ago
 
     counts = reconcile()
 

@@ -18,6 +18,7 @@ from tasks.sandbox import confinement, processes
 from tasks.sandbox.processes import MARKER_VAR
 from tasks.sandbox.runner import CommandTimedOut, LimitExceeded, Output, run_command
 from tasks.sandbox.workspace import SandboxUnavailable, Workspace
+from tests.conftest import require_bwrap
 from tests.tooljobs import processes_with
 
 MODES = ["rlimit", "bwrap"]
@@ -42,11 +43,6 @@ class Collect(Output):
 
     def write(self, data: bytes) -> None:
         self.data += data
-
-
-def require_bwrap(mode: str) -> None:
-    if mode == "bwrap" and not shutil.which("bwrap"):
-        pytest.fail("bwrap is required for the sandbox tests (apt-get install bubblewrap)")
 
 
 @pytest.fixture(params=MODES)
@@ -82,10 +78,14 @@ def test_daemons_that_left_the_process_group_are_killed_when_the_command_exits(w
 
 def test_a_command_over_its_timeout_is_killed_with_everything_it_started(workspace: Workspace) -> None:
     marker = f"timeout-{uuid.uuid4().hex}"
+    (workspace.src / "script.py").write_text(DAEMONS + "import time; time.sleep(300)\n")
+    workspace.hand_over()
+    out = Collect()
 
     with pytest.raises(CommandTimedOut):
-        run(workspace, DAEMONS + "import time; time.sleep(300)\n", marker, timeout=2)
+        run_command(["python", "script.py", marker], workspace, out, timeout=2)
 
+    assert "daemons started" in out.data.decode()  # there was something to kill
     assert processes_with(marker) == []
 
 

@@ -3,12 +3,13 @@ beside each (`*_orm`): on twin jobs, both leave the same rows and the same timel
 
 import uuid
 from collections.abc import Callable
+from datetime import timedelta
 
 import pytest
 from django.contrib.auth.models import User
 from django.utils import timezone
 
-from apps.jobs import sql
+from apps.jobs import lifecycle, sql
 from apps.jobs.models import Job, JobEvent, Status
 from apps.jobs.services import build_job
 
@@ -18,16 +19,16 @@ pytestmark = pytest.mark.django_db
 MOMENTS = {"id", "created_at", "queued_at", "started_at", "finished_at", "heartbeat_at", "lease"}
 
 
-def twins(user: User, count: int = 1, **fields: object) -> tuple[list[Job], list[Job]]:
-    """`count` jobs inserted by `insert_jobs`, and as many by `insert_jobs_orm`, alike but for their ids."""
+def twins(user: User, count: int = 1) -> tuple[list[Job], list[Job]]:
+    """`count` queued jobs inserted by `insert_jobs`, and as many by `insert_jobs_orm`, alike but for their
+    ids. (The inserts are what is tested here, so these rows are made as `lifecycle.create_jobs` makes
+    them rather than by it.)"""
     made: list[list[Job]] = []
     for insert in (sql.insert_jobs, sql.insert_jobs_orm):
         jobs = [build_job(user, {"kind": "echo", "payload": {"message": "m"}}) for _ in range(count)]
         now = timezone.now()
         for job in jobs:
             job.created_at, job.queued_at, job.status, job.queue = now, now, Status.QUEUED, "default"
-            for name, value in fields.items():
-                setattr(job, name, value)
         insert(jobs, [JobEvent(job_id=job.id, at=now, type=job.status, status=job.status) for job in jobs])
         made.append(jobs)
     return made[0], made[1]
@@ -76,7 +77,9 @@ def test_claim_leaves_what_the_orm_leaves_and_only_one_claim_wins(user: User) ->
 def test_a_transition_leaves_what_the_orm_leaves(
     user: User, from_statuses: list[str], only_if: dict, wins: bool
 ) -> None:
-    (hand,), (orm,) = twins(user, status=Status.RUNNING, worker="w1")
+    (hand,), (orm,) = twins(user)
+    for job in (hand, orm):
+        assert lifecycle.claim(job.pk, task_id="t", worker="w1", process="h:1@x") is not None
     move: dict[str, object] = {
         "event": "succeeded",
         "message": "done",
@@ -91,3 +94,21 @@ def test_a_transition_leaves_what_the_orm_leaves(
     assert won == [wins, wins]
     assert_alike(hand.pk, orm.pk)
     assert Job.objects.get(pk=hand.pk).status == (Status.SUCCEEDED if wins else Status.RUNNING)
+
+
+def test_renewing_leases_at_once_answers_what_the_orm_answers(user: User) -> None:
+    for renew in (sql.heartbeats, sql.heartbeats_orm):
+        (held,), (taken_over,) = twins(user)
+        (finished,), _ = twins(user)
+        for job in (held, taken_over, finished):
+            lifecycle.claim(job.pk, task_id="t", worker="w1", process="h:1@x")
+        held, taken_over, finished = (Job.objects.get(pk=job.pk) for job in (held, taken_over, finished))
+        lifecycle.succeed(finished, {"ok": True})
+        stale = uuid.uuid4()  # the lease of an attempt whose job another claim took since
+        long_ago = timezone.now() - timedelta(minutes=5)  # (now() is the test transaction's start)
+        Job.objects.filter(pk=held.pk).update(heartbeat_at=long_ago)
+
+        answer = renew([(held.pk, held.lease), (taken_over.pk, stale), (finished.pk, finished.lease)])
+
+        assert answer == {(held.pk, held.lease): True}, renew.__name__
+        assert Job.objects.get(pk=held.pk).heartbeat_at > long_ago

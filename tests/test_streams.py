@@ -8,12 +8,10 @@ from pathlib import Path
 
 import pytest
 from django.contrib.auth.models import User
-from rest_framework.authtoken.models import Token
 
 from apps.jobs import lifecycle
-from apps.jobs.models import Job
-from apps.jobs.services import build_job
 from tests.conftest import Web
+from tests.factories import api_token, make_job, make_user
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -23,16 +21,6 @@ def web(process_env: dict, tmp_path: Path) -> Iterator[Web]:
     server = Web({**process_env, "JOBS_MAX_STREAMS_PER_USER": "3", "JOBS_READ_RATE": "100000/min"}, tmp_path)
     yield server
     server.stop()
-
-
-def token_of(name: str) -> str:
-    return Token.objects.create(user=User.objects.create_user(name)).key
-
-
-def waiting_job(owner: str) -> Job:
-    """A job that stays queued: no worker runs in these tests."""
-    user = User.objects.get(username=owner)
-    return lifecycle.create_jobs([build_job(user, {"kind": "echo", "payload": {"message": "m"}})])[0]
 
 
 async def open_stream(port: int, token: str, job_id: object) -> tuple[int, asyncio.StreamReader, asyncio.StreamWriter]:
@@ -58,8 +46,10 @@ async def next_event(reader: asyncio.StreamReader) -> str:
 
 @pytest.mark.usefixtures("no_shared_worker")
 def test_many_open_streams_hold_no_thread_and_the_api_answers_beside_them(web: Web) -> None:
-    tokens = [token_of(f"watcher{i}") for i in range(60)]
-    jobs = [waiting_job(f"watcher{i}") for i in range(60)]
+    # Each watcher's own job, which stays queued: no worker runs in these tests.
+    watchers = [make_user(f"watcher{i}") for i in range(60)]
+    tokens = [api_token(watcher) for watcher in watchers]
+    jobs = [make_job(watcher) for watcher in watchers]
 
     async def scenario() -> tuple[list[str], list[float], list[str]]:
         opened = await asyncio.gather(
@@ -93,8 +83,8 @@ def test_many_open_streams_hold_no_thread_and_the_api_answers_beside_them(web: W
 
 @pytest.mark.usefixtures("no_shared_worker")
 def test_a_user_over_the_stream_cap_gets_429_and_a_closed_stream_frees_its_place(web: Web) -> None:
-    token = token_of("watcher")
-    job = waiting_job("watcher")
+    watcher = make_user("watcher")
+    token, job = api_token(watcher), make_job(watcher)  # a job that stays queued: no worker runs here
 
     async def scenario() -> tuple[list[int], int, int]:
         opened = [await open_stream(web.port, token, job.pk) for _ in range(3)]
@@ -121,9 +111,9 @@ def test_a_user_over_the_stream_cap_gets_429_and_a_closed_stream_frees_its_place
 
 
 def test_a_bad_offset_or_an_unknown_job_is_refused_in_json(web: Web, user: User) -> None:
-    token = Token.objects.create(user=user).key
-    job = lifecycle.create_jobs([build_job(user, {"kind": "echo", "payload": {"message": "m"}})])[0]
-    other = token_of("stranger")
+    token = api_token(user)
+    job = make_job(user)
+    other = api_token(make_user("stranger"))
 
     assert web.request("GET", f"/api/jobs/{job.pk}/stream/?offset=-1", token) == (
         400,

@@ -13,11 +13,10 @@ from django.contrib.auth.models import User
 from django.test import override_settings
 from rest_framework.test import APIClient
 
-from apps.jobs import lifecycle
 from apps.jobs.models import Job
-from apps.jobs.services import build_job
 from tasks import execution
 from tests.conftest import WorkerProcess, wait_final, wait_for
+from tests.factories import make_job, submit
 from tests.fake_llm import FakeLLM
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -41,7 +40,7 @@ def running(job_id: str) -> Job:
 @pytest.mark.usefixtures("threads_worker")
 def test_a_cancel_stops_a_streaming_ai_job_at_once_and_the_worker_goes_on(api: APIClient, llm: FakeLLM) -> None:
     llm.reset(tokens=["word "] * 400, token_delay=0.05)  # 20 s of answer
-    job_id = api.post("/api/ai/generate/", {"prompt": "long", "dedupe": False}, format="json").json()["id"]
+    job_id = submit(api, "ai_generate", {"prompt": "long", "dedupe": False}, shortcut=True)["id"]
     running(job_id)
     wait_for(lambda: llm.requests and llm.requests[-1].first_token_at, what="the answer to start")
 
@@ -53,15 +52,15 @@ def test_a_cancel_stops_a_streaming_ai_job_at_once_and_the_worker_goes_on(api: A
     job = wait_final(job_id)
     assert (job.status, job.attempts, job.result) == ("cancelled", 1, None)
     llm.reset()
-    after = api.post("/api/ai/generate/", {"prompt": "next", "dedupe": False}, format="json").json()["id"]
+    after = submit(api, "ai_generate", {"prompt": "next", "dedupe": False}, shortcut=True)["id"]
     assert wait_final(after).status == "succeeded"
 
 
 @pytest.mark.usefixtures("threads_worker")
 def test_an_ai_job_past_its_timeout_is_timed_out_without_celerys_time_limits(api: APIClient, llm: FakeLLM) -> None:
     llm.reset(tokens=["word "] * 100, token_delay=0.2)  # 20 s of answer, a token every 0.2 s
-    body = {"prompt": "slow", "dedupe": False, "timeout_seconds": 2, "max_attempts": 3}
-    job_id = api.post("/api/ai/generate/", body, format="json").json()["id"]
+    request = {"prompt": "slow", "dedupe": False}
+    job_id = submit(api, "ai_generate", request, shortcut=True, timeout_seconds=2, max_attempts=3)["id"]
 
     job = wait_final(job_id, timeout=10)
 
@@ -88,7 +87,7 @@ def test_jobs_run_side_by_side_and_a_cancel_wakes_a_sleeping_one(api: APIClient)
 @pytest.mark.usefixtures("no_shared_worker")
 @override_settings(JOBS_HEARTBEAT_SECONDS=0.2)
 def test_an_attempt_in_a_thread_stops_when_its_lease_is_taken_over(user: User) -> None:
-    job = lifecycle.create_jobs([build_job(user, {"kind": "echo", "payload": {"message": "m", "sleep_ms": 20_000}})])[0]
+    job = make_job(user, payload={"sleep_ms": 20_000})
     ended: list[str | None] = []
     thread = threading.Thread(target=lambda: ended.append(execution.run(str(job.pk), task_id="t", worker="w")))
     thread.start()

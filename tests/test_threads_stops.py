@@ -15,25 +15,19 @@ from rest_framework.test import APIClient
 
 from apps.jobs import lifecycle
 from apps.jobs.models import Job
-from apps.jobs.services import build_job
 from tasks import execution
 from tests.conftest import WorkerProcess, wait_final, wait_for
+from tests.factories import make_job, submit
 from tests.test_threads_pool import running, threads_worker  # noqa: F401 (the fixture)
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-def sleeping(user: User, seconds: float, **fields: object) -> Job:
-    spec = {"kind": "echo", "payload": {"message": "m", "sleep_ms": int(seconds * 1000)}, **fields}
-    return lifecycle.create_jobs([build_job(user, spec)])[0]
 
 
 def test_a_cold_shutdown_of_a_threads_worker_hands_its_jobs_back_at_once(
     threads_worker: WorkerProcess,  # noqa: F811
     api: APIClient,
 ) -> None:
-    spec = {"kind": "echo", "payload": {"message": "m", "sleep_ms": 60_000}}
-    job_id = api.post("/api/jobs/", spec, format="json").json()["id"]
+    job_id = submit(api, "echo", {"message": "m", "sleep_ms": 60_000})["id"]
     running(job_id)
 
     os.kill(threads_worker.proc.pid, signal.SIGQUIT)  # Celery's cold shutdown
@@ -48,7 +42,7 @@ def test_a_cold_shutdown_of_a_threads_worker_hands_its_jobs_back_at_once(
 
 @pytest.mark.usefixtures("no_shared_worker")
 def test_two_attempts_of_one_job_in_one_process_are_watched_apart(user: User) -> None:
-    job = sleeping(user, 0)
+    job = make_job(user)
     first, second = copy.copy(job), copy.copy(job)
     first.lease, first.task_id, second.lease, second.task_id = uuid.uuid4(), "t1", uuid.uuid4(), "t2"
     heartbeat = execution.Heartbeat.get()
@@ -64,8 +58,8 @@ def test_two_attempts_of_one_job_in_one_process_are_watched_apart(user: User) ->
 
 @pytest.mark.usefixtures("no_shared_worker")
 def test_a_job_whose_row_is_locked_elsewhere_holds_up_no_other_jobs_lease_or_deadline(user: User) -> None:
-    locked_job = sleeping(user, 20)
-    other = sleeping(user, 20, timeout_seconds=1)
+    locked_job = make_job(user, payload={"sleep_ms": 20_000})
+    other = make_job(user, payload={"sleep_ms": 20_000}, timeout_seconds=1)
     ended: dict[str, str | None] = {}
     threads = [
         threading.Thread(

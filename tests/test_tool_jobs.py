@@ -6,10 +6,12 @@ import uuid
 from pathlib import Path
 
 import pytest
+from django.contrib.auth.models import User
 from rest_framework.test import APIClient
 
 from apps.jobs.models import Job
 from tests.conftest import WorkerProcess, sse_events, wait_final, wait_for
+from tests.factories import make_upload, submit
 from tests.git_https import GitServer
 from tests.tooljobs import (
     TOOLCHAIN_PYTHON,
@@ -19,9 +21,6 @@ from tests.tooljobs import (
     pytest_directly,
     ruff_directly,
     sample_files,
-    submit,
-    tar_gz,
-    upload,
     zip_bytes,
 )
 
@@ -29,14 +28,12 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 
 @pytest.fixture
-def source(request: pytest.FixtureRequest, api: APIClient, tmp_path: Path, git_server: GitServer) -> dict:
+def source(request: pytest.FixtureRequest, user: User, tmp_path: Path, git_server: GitServer) -> dict:
     form = request.param
     if form == "files":
         return {"files": sample_files()}
     if form == "upload":
-        response = upload(api, "sample.tar.gz", tar_gz(sample_files()))
-        assert response.status_code == 201, response.content
-        return {"upload": response.json()["id"]}
+        return {"upload": str(make_upload(user).id)}  # the sample project as a tar.gz
     if form == "https":
         return {"git": {"url": f"https://127.0.0.1:{git_server.port}/sample.git", "ref": "v1"}}
     return {"git": {"url": git_repo(tmp_path / "repo"), "ref": "v1"}}
@@ -48,7 +45,7 @@ def test_a_test_job_counts_what_pytest_itself_counts(
 ) -> None:
     expected = pytest_directly(tmp_path)
 
-    job = wait_final(submit(api, "test", source), timeout=60)
+    job = wait_final(submit(api, "test", {"source": source})["id"], timeout=60)
 
     assert job.status == Job.Status.SUCCEEDED, job.error
     result = job.result
@@ -68,12 +65,13 @@ def test_a_test_job_counts_what_pytest_itself_counts(
     assert "1 failed, 3 passed, 1 skipped, 1 error" in log
 
 
-def test_a_lint_job_counts_what_ruff_itself_counts(worker: WorkerProcess, api: APIClient, tmp_path: Path) -> None:
+def test_a_lint_job_counts_what_ruff_itself_counts(
+    worker: WorkerProcess, api: APIClient, user: User, tmp_path: Path
+) -> None:
     expected = ruff_directly(tmp_path)
-    archive = upload(api, "sample.zip", zip_bytes(sample_files()))
-    assert archive.status_code == 201, archive.content
+    archive = make_upload(user, zip_bytes(sample_files()), "sample.zip")
 
-    job = wait_final(submit(api, "lint", {"upload": archive.json()["id"]}), timeout=60)
+    job = wait_final(submit(api, "lint", {"source": {"upload": str(archive.id)}})["id"], timeout=60)
 
     assert job.status == Job.Status.SUCCEEDED, job.error
     assert job.result["count"] == len(expected) == 3
@@ -85,7 +83,7 @@ def test_a_lint_job_counts_what_ruff_itself_counts(worker: WorkerProcess, api: A
 
 
 def test_a_clean_tree_lints_clean(worker: WorkerProcess, api: APIClient) -> None:
-    job = wait_final(submit(api, "lint", {"files": {"ok.py": "print('fine')\n"}}), timeout=60)
+    job = wait_final(submit(api, "lint", {"source": {"files": {"ok.py": "print('fine')\n"}}})["id"], timeout=60)
 
     assert job.status == Job.Status.SUCCEEDED, job.error
     assert job.result["outcome"] == "clean"
@@ -95,7 +93,7 @@ def test_a_clean_tree_lints_clean(worker: WorkerProcess, api: APIClient) -> None
 def test_a_build_job_makes_a_wheel_that_pip_installs(
     worker: WorkerProcess, api: APIClient, other_api: APIClient, tmp_path: Path
 ) -> None:
-    job = wait_final(submit(api, "build", {"files": sample_files()}), timeout=90)
+    job = wait_final(submit(api, "build", {"source": {"files": sample_files()}})["id"], timeout=90)
 
     assert job.status == Job.Status.SUCCEEDED, job.error
     assert job.result["outcome"] == "passed"
@@ -129,7 +127,7 @@ def test_a_missing_git_ref_fails_at_once_with_a_readable_message(
 ) -> None:
     url = git_repo(tmp_path / "repo")
 
-    job = wait_final(submit(api, "test", {"git": {"url": url, "ref": "no-such-branch"}}), timeout=60)
+    job = wait_final(submit(api, "test", {"source": {"git": {"url": url, "ref": "no-such-branch"}}})["id"], timeout=60)
 
     assert job.status == Job.Status.FAILED
     assert job.attempts == 1
@@ -158,13 +156,12 @@ def test_a_job_sees_nothing_of_the_worker_environment_and_no_network(
     secret_file = tmp_path / "secret.env"
     secret_file.write_text("TOKEN=do-not-read")
 
-    job_id = submit(
-        api,
-        "test",
-        {"files": {"snoop.py": SNOOP}},
-        command=["python", "snoop.py", settings_file, str(secret_file)],
-        env={"REDIS_PORT": redis_port},
-    )
+    payload = {
+        "source": {"files": {"snoop.py": SNOOP}},
+        "command": ["python", "snoop.py", settings_file, str(secret_file)],
+        "env": {"REDIS_PORT": redis_port},
+    }
+    job_id = submit(api, "test", payload)["id"]
     job = wait_final(job_id, timeout=60)
 
     assert job.status == Job.Status.SUCCEEDED, job.error
@@ -182,9 +179,8 @@ def test_arguments_stay_literal(worker: WorkerProcess, api: APIClient, tmp_path:
     witness = tmp_path / "touched"
     args = [f"; touch {witness}", "$(id)", "`id`", "&& echo hi", "*"]
 
-    job_id = submit(
-        api, "test", {"files": {"a.py": "import sys; print(sys.argv[1:])"}}, command=["python", "a.py", *args]
-    )
+    payload = {"source": {"files": {"a.py": "import sys; print(sys.argv[1:])"}}, "command": ["python", "a.py", *args]}
+    job_id = submit(api, "test", payload)["id"]
     job = wait_final(job_id, timeout=60)
 
     assert job.status == Job.Status.SUCCEEDED, job.error
@@ -205,7 +201,8 @@ time.sleep(300)
 
 def test_cancelling_a_job_leaves_no_process_behind(worker: WorkerProcess, api: APIClient) -> None:
     marker = f"linger-{uuid.uuid4().hex}"
-    job_id = submit(api, "test", {"files": {"linger.py": LINGER}}, command=["python", "linger.py", marker])
+    payload = {"source": {"files": {"linger.py": LINGER}}, "command": ["python", "linger.py", marker]}
+    job_id = submit(api, "test", payload)["id"]
     wait_for(lambda: "started" in full_log(api, job_id), timeout=30, what="the job to start its children")
     assert len(processes_with(marker)) >= 3
 
@@ -219,9 +216,8 @@ def test_a_job_over_its_timeout_is_timed_out_with_its_log_kept_and_nothing_left(
     worker: WorkerProcess, api: APIClient
 ) -> None:
     marker = f"linger-{uuid.uuid4().hex}"
-    job_id = submit(
-        api, "test", {"files": {"linger.py": LINGER}}, command=["python", "linger.py", marker], timeout_seconds=3
-    )
+    payload = {"source": {"files": {"linger.py": LINGER}}, "command": ["python", "linger.py", marker]}
+    job_id = submit(api, "test", payload, timeout_seconds=3)["id"]
 
     job = wait_final(job_id, timeout=30)
 
@@ -232,23 +228,24 @@ def test_a_job_over_its_timeout_is_timed_out_with_its_log_kept_and_nothing_left(
 
 def test_the_log_streams_live_over_server_sent_events(worker: WorkerProcess, api: APIClient) -> None:
     script = "import time\nfor i in range(3):\n    print('line', i)\n    time.sleep(0.3)\n"
-    job_id = submit(api, "test", {"files": {"s.py": script}}, command=["python", "s.py"])
+    job_id = submit(api, "test", {"source": {"files": {"s.py": script}}, "command": ["python", "s.py"]})["id"]
 
     response = api.get(f"/api/jobs/{job_id}/stream/", HTTP_ACCEPT="text/event-stream")
 
     assert response.status_code == 200
     assert response["Content-Type"] == "text/event-stream"
-    body = b"".join(response).decode()  # an async stream, consumed here
-    events = [event for event, _ in sse_events(body)]
-    assert events[0] == "status"
-    assert events[-1] == "end"
-    assert '"status": "succeeded"' in body.rsplit("event: end", 1)[1]
-    assert body.index("line 0") < body.index("line 1") < body.index("line 2")
-    assert "progress" in events
+    events = sse_events(b"".join(response).decode())  # an async stream, consumed here
+    names = [event for event, _ in events]
+    assert names[0] == "status"
+    assert names[-1] == "end"
+    assert events[-1][1]["status"] == "succeeded"
+    log = "".join(data["text"] for event, data in events if event == "log")
+    assert log.index("line 0") < log.index("line 1") < log.index("line 2")
+    assert "progress" in names
 
 
 def test_a_git_host_that_does_not_answer_is_retried_then_fails(worker: WorkerProcess, api: APIClient) -> None:
-    job_id = submit(api, "test", {"git": {"url": "https://127.0.0.1:9/nothing.git", "ref": "main"}})
+    job_id = submit(api, "test", {"source": {"git": {"url": "https://127.0.0.1:9/nothing.git", "ref": "main"}}})["id"]
 
     job = wait_final(job_id, timeout=60)
 
@@ -279,7 +276,7 @@ def test_a_git_source_on_a_local_or_private_address_fails_at_once_without_naming
     url = url.format(port=git_server.port)
     requests_before = len(git_server.requests)
 
-    job = wait_final(submit(api, "test", {"git": {"url": url, "ref": "v1"}}), timeout=60)
+    job = wait_final(submit(api, "test", {"source": {"git": {"url": url, "ref": "v1"}}})["id"], timeout=60)
 
     assert job.status == Job.Status.FAILED
     assert job.attempts == 1
@@ -324,13 +321,12 @@ print("links made")
 
 
 def test_artifacts_never_follow_links_out_of_the_tree(worker: WorkerProcess, api: APIClient) -> None:
-    job_id = submit(
-        api,
-        "build",
-        {"files": {"links.py": LINKS}},
-        command=["python", "links.py"],
-        artifacts=["dist/**", "shadow", "passwd"],
-    )
+    payload = {
+        "source": {"files": {"links.py": LINKS}},
+        "command": ["python", "links.py"],
+        "artifacts": ["dist/**", "shadow", "passwd"],
+    }
+    job_id = submit(api, "build", payload)["id"]
 
     job = wait_final(job_id, timeout=60)
 
@@ -357,7 +353,8 @@ def test_a_worker_without_bwrap_refuses_tool_jobs_and_says_so(
     without_bwrap.start()
     try:
         health = APIClient().get("/api/health/")
-        job = wait_final(submit(api, "test", {"files": {"test_a.py": "def test_a(): pass\n"}}), timeout=60)
+        source = {"files": {"test_a.py": "def test_a(): pass\n"}}
+        job = wait_final(submit(api, "test", {"source": source})["id"], timeout=60)
     finally:
         without_bwrap.stop()
 
@@ -373,7 +370,7 @@ def test_a_worker_without_bwrap_refuses_tool_jobs_and_says_so(
 
 def test_any_bytes_a_tool_prints_are_kept_and_the_job_succeeds(worker: WorkerProcess, api: APIClient) -> None:
     script = "import sys; sys.stdout.buffer.write(b'nul:\\x00 bad:\\xff\\xfe end\\n')"
-    job_id = submit(api, "test", {"files": {"odd.py": script}}, command=["python", "odd.py"])
+    job_id = submit(api, "test", {"source": {"files": {"odd.py": script}}, "command": ["python", "odd.py"]})["id"]
 
     stream = api.get(f"/api/jobs/{job_id}/stream/", HTTP_ACCEPT="text/event-stream")
     body = b"".join(stream).decode()

@@ -4,7 +4,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import redis
@@ -16,15 +15,9 @@ from apps.jobs.dispatch import publish
 from apps.jobs.models import Job
 from apps.jobs.reconciler import reconcile
 from tests.conftest import ROOT, WorkerProcess, wait_final, wait_for
+from tests.factories import submit
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-def submit(api: APIClient, **fields: object) -> str:
-    payload = {"message": "hi", **fields.pop("payload", {})}
-    response = api.post("/api/jobs/", {"kind": "echo", "payload": payload, **fields}, format="json")
-    assert response.status_code == 201, response.content
-    return response.json()["id"]
 
 
 def event_types(job_id: str) -> list[str]:
@@ -43,7 +36,7 @@ def wait_running(job_id: str, process_other_than: str = "") -> Job:
 
 
 def test_an_echo_job_runs_on_the_worker_and_records_its_timeline(worker: WorkerProcess, api: APIClient) -> None:
-    job_id = submit(api, payload={"message": "round trip"})
+    job_id = submit(api, "echo", {"message": "round trip"})["id"]
 
     job = wait_final(job_id)
 
@@ -61,7 +54,7 @@ def test_an_echo_job_runs_on_the_worker_and_records_its_timeline(worker: WorkerP
 
 
 def test_progress_is_reported_while_the_job_runs(worker: WorkerProcess, api: APIClient) -> None:
-    job_id = submit(api, payload={"sleep_ms": 3000, "progress_steps": 6})
+    job_id = submit(api, "echo", {"message": "m", "sleep_ms": 3000, "progress_steps": 6})["id"]
 
     midway = wait_for(lambda: (j := Job.objects.get(pk=job_id)).status == "running" and 0 < j.progress < 100 and j)
 
@@ -71,7 +64,7 @@ def test_progress_is_reported_while_the_job_runs(worker: WorkerProcess, api: API
 
 
 def test_a_retryable_failure_is_retried_with_backoff_until_it_succeeds(worker: WorkerProcess, api: APIClient) -> None:
-    job_id = submit(api, payload={"fail_times": 2}, max_attempts=3)
+    job_id = submit(api, "echo", {"message": "m", "fail_times": 2}, max_attempts=3)["id"]
 
     job = wait_final(job_id)
 
@@ -85,7 +78,7 @@ def test_a_retryable_failure_is_retried_with_backoff_until_it_succeeds(worker: W
 def test_the_last_failed_attempt_dead_letters_the_job_and_replay_runs_it_again(
     worker: WorkerProcess, api: APIClient
 ) -> None:
-    job_id = submit(api, payload={"fail_times": 10}, max_attempts=2)
+    job_id = submit(api, "echo", {"message": "m", "fail_times": 10}, max_attempts=2)["id"]
 
     job = wait_final(job_id)
     assert job.status == Job.Status.FAILED
@@ -109,12 +102,15 @@ def test_the_last_failed_attempt_dead_letters_the_job_and_replay_runs_it_again(
 
 
 def test_a_duplicate_message_never_runs_a_job_twice(worker: WorkerProcess, api: APIClient) -> None:
-    job_id = submit(api, payload={"sleep_ms": 500})
+    job_id = submit(api, "echo", {"message": "m", "sleep_ms": 500})["id"]
     job = Job.objects.get(pk=job_id)
 
     publish([job, job, job])
     job = wait_final(job_id)
-    time.sleep(0.5)  # give the duplicates time to be delivered and refused
+    wait_for(
+        lambda: worker.log_path.read_text(errors="replace").count(f"job {job_id} not claimable") == 3,
+        what="the three duplicates to be delivered and refused",
+    )
 
     assert job.status == Job.Status.SUCCEEDED
     assert job.attempts == 1
@@ -122,7 +118,7 @@ def test_a_duplicate_message_never_runs_a_job_twice(worker: WorkerProcess, api: 
 
 
 def test_a_job_over_its_timeout_is_timed_out(worker: WorkerProcess, api: APIClient) -> None:
-    job_id = submit(api, payload={"sleep_ms": 20_000}, timeout_seconds=1)
+    job_id = submit(api, "echo", {"message": "m", "sleep_ms": 20_000}, timeout_seconds=1)["id"]
 
     job = wait_final(job_id, timeout=15)
 
@@ -133,7 +129,7 @@ def test_a_job_over_its_timeout_is_timed_out(worker: WorkerProcess, api: APIClie
 
 
 def test_cancelling_a_running_job_stops_it_within_seconds(worker: WorkerProcess, api: APIClient) -> None:
-    job_id = submit(api, payload={"sleep_ms": 60_000})
+    job_id = submit(api, "echo", {"message": "m", "sleep_ms": 60_000})["id"]
     wait_running(job_id)
 
     response = api.post(f"/api/jobs/{job_id}/cancel/")
@@ -141,7 +137,7 @@ def test_cancelling_a_running_job_stops_it_within_seconds(worker: WorkerProcess,
     assert response.status_code == 200
     assert response.json()["status"] == "cancelled"
     # Its pool process is free again: two quick jobs finish at once on the two-process worker.
-    quick = [submit(api), submit(api)]
+    quick = [submit(api)["id"], submit(api)["id"]]
     for other in quick:
         assert wait_final(other, timeout=10).status == Job.Status.SUCCEEDED
     job = Job.objects.get(pk=job_id)
@@ -151,15 +147,15 @@ def test_cancelling_a_running_job_stops_it_within_seconds(worker: WorkerProcess,
 
 
 def test_a_cancelled_queued_job_never_starts(worker: WorkerProcess, api: APIClient) -> None:
-    blockers = [submit(api, payload={"sleep_ms": 60_000}) for _ in range(2)]
+    blockers = [submit(api, "echo", {"message": "m", "sleep_ms": 60_000})["id"] for _ in range(2)]
     for blocker in blockers:
         wait_running(blocker)
-    waiting = submit(api)
+    waiting = submit(api)["id"]
 
     assert api.post(f"/api/jobs/{waiting}/cancel/").json()["status"] == "cancelled"
     for blocker in blockers:
         api.post(f"/api/jobs/{blocker}/cancel/")
-    after = submit(api)
+    after = submit(api)["id"]
     wait_final(after)
 
     job = Job.objects.get(pk=waiting)
@@ -175,7 +171,7 @@ def test_a_critical_job_overtakes_a_backlog_of_normal_ones(worker: WorkerProcess
         format="json",
     ).json()["jobs"]
     wait_for(lambda: Job.objects.filter(status="running").exists())
-    critical = submit(api, priority="critical")
+    critical = submit(api, priority="critical")["id"]
 
     critical_job = wait_final(critical)
     ids = [j["id"] for j in backlog]
@@ -189,7 +185,7 @@ def test_a_critical_job_overtakes_a_backlog_of_normal_ones(worker: WorkerProcess
 def test_a_worker_killed_mid_job_leaves_a_job_that_runs_again_and_finishes_once(
     worker: WorkerProcess, api: APIClient
 ) -> None:
-    job_id = submit(api, payload={"sleep_ms": 3000})
+    job_id = submit(api, "echo", {"message": "m", "sleep_ms": 3000})["id"]
     wait_running(job_id)
 
     worker.kill()
@@ -204,7 +200,7 @@ def test_a_worker_killed_mid_job_leaves_a_job_that_runs_again_and_finishes_once(
 
 
 def test_a_job_that_kills_itsshared_worker_every_time_is_dead_lettered(worker: WorkerProcess, api: APIClient) -> None:
-    job_id = submit(api, payload={"sleep_ms": 30_000}, max_attempts=2)
+    job_id = submit(api, "echo", {"message": "m", "sleep_ms": 30_000}, max_attempts=2)["id"]
 
     process = ""
     for _ in range(2):
@@ -223,7 +219,7 @@ def test_queued_jobs_survive_a_redis_flushall(
     worker: WorkerProcess, api: APIClient, process_env: dict, tmp_path: object
 ) -> None:
     worker.stop()
-    ids = [submit(api) for _ in range(10)]
+    ids = [submit(api)["id"] for _ in range(10)]
     redis.Redis.from_url(settings.CELERY_BROKER_URL).flushall()
     beat = subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "project", "beat", "-l", "WARNING", "-s", str(tmp_path / "schedule")],
@@ -244,7 +240,7 @@ def test_queued_jobs_survive_a_redis_flushall(
 def test_a_worker_whose_database_connections_were_cut_claims_on_a_new_one(
     worker: WorkerProcess, api: APIClient
 ) -> None:
-    assert wait_final(submit(api)).status == Job.Status.SUCCEEDED  # the pool processes hold connections now
+    assert wait_final(submit(api)["id"]).status == Job.Status.SUCCEEDED  # the pool processes hold connections now
     with connection.cursor() as cursor:
         cursor.execute(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
@@ -252,7 +248,7 @@ def test_a_worker_whose_database_connections_were_cut_claims_on_a_new_one(
         )
         assert cursor.fetchone()[0] >= 1
 
-    jobs = [submit(api, payload={"message": f"after {i}"}) for i in range(4)]
+    jobs = [submit(api, "echo", {"message": f"after {i}"})["id"] for i in range(4)]
 
     for job_id in jobs:
         job = wait_final(job_id)

@@ -55,6 +55,7 @@ def git_repo(path: Path) -> str:
 
 
 def upload(api: APIClient, name: str, data: bytes) -> object:
+    """POST `data` to the upload endpoint (the uploads a test only needs: `tests.factories.make_upload`)."""
     return api.post("/api/uploads/", {"file": _named(name, data)}, format="multipart")
 
 
@@ -92,16 +93,6 @@ def ruff_directly(tmp_path: Path) -> list[dict]:
         [ruff, "check", "--no-cache", "--output-format", "json"], cwd=tree, capture_output=True, text=True
     ).stdout
     return json.loads(out)
-
-
-def submit(api: APIClient, kind: str, source: dict, **payload: object) -> str:
-    timeout = payload.pop("timeout_seconds", None)
-    body = {"kind": kind, "payload": {"source": source, **payload}}
-    if timeout:
-        body["timeout_seconds"] = timeout
-    response = api.post("/api/jobs/", body, format="json")
-    assert response.status_code == 201, response.content
-    return response.json()["id"]
 
 
 def full_log(api: APIClient, job_id: str) -> str:
