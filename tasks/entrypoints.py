@@ -30,8 +30,10 @@ class JobRequest(Request):
 
     def terminate(self, pool: Any, signal: Any = None) -> None:
         if _kills_processes(pool):
+            log.info("job %s: its attempt stopped by SIGTERM to pool process %s", self.args[0], self.worker_pid)
             super().terminate(pool, signal)
         else:
+            log.info("job %s: its attempt stopped in place", self.args[0])
             self._stop_in_place("stopped (terminated)")
 
     def cancel(self, pool: Any, signal: Any = None, emit_retry: bool = True) -> None:
@@ -47,8 +49,10 @@ class JobRequest(Request):
 
 
 def _kills_processes(pool: Any) -> bool:
-    """Whether the pool can stop one job by signalling its process (prefork does; threads and solo do not)."""
-    return type(pool).terminate_job is not BasePool.terminate_job
+    """Whether the pool can stop one job by signalling its process (prefork does; threads and solo do
+    not). Prefork sets `terminate_job` on the instance when it starts: look there, not at the class."""
+    method = getattr(pool, "terminate_job", None)
+    return getattr(method, "__func__", None) is not BasePool.terminate_job
 
 
 @shared_task(name=RUN_JOB, bind=True, Request=JobRequest)

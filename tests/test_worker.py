@@ -144,6 +144,10 @@ def test_cancelling_a_running_job_stops_it_within_seconds(worker: WorkerProcess,
     assert job.status == Job.Status.CANCELLED
     assert job.result is None
     assert event_types(job_id) == ["queued", "running", "cancelled"]
+    # On prefork the cancel reaches the attempt as SIGTERM to its own pool process (not only at its
+    # next heartbeat).
+    stopped = f"job {job_id}: its attempt stopped by SIGTERM to pool process"
+    wait_for(lambda: stopped in worker.log_path.read_text(errors="replace"), timeout=5, what="the SIGTERM")
 
 
 def test_a_cancelled_queued_job_never_starts(worker: WorkerProcess, api: APIClient) -> None:
