@@ -5,7 +5,6 @@ streams text, keeps artifacts, opens uploads and watches its deadline through `c
 of the platform. Modules under `tasks/kinds/` import nothing from `apps/`: this is their only door.
 """
 
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -151,9 +150,6 @@ class Context:
         return key or None
 
     # --- time ----------------------------------------------------------------------------------
-
-    def time_left(self) -> float:
-        return max(0.0, self.deadline - time.monotonic())
 
     @property
     def cancelled(self) -> bool:

@@ -14,6 +14,7 @@ from celery.worker.request import Request
 from apps.jobs.dispatch import CANCEL_COMMAND, DELIVER_CALLBACK, RUN_JOB
 from apps.jobs.reconciler import reconcile as reconcile_jobs
 from tasks import callbacks, execution
+from tasks.leases import Heartbeat
 from tasks.sandbox.confinement import capabilities, sweep_slots
 
 log = logging.getLogger(__name__)
@@ -43,9 +44,8 @@ class JobRequest(Request):
             self._stop_in_place("the worker is shutting down")
 
     def _stop_in_place(self, reason: str) -> None:
-        heartbeat = execution.Heartbeat.get()
-        for watched in execution.Heartbeat.watching(str(self.args[0]), self.id):
-            heartbeat.stop(watched, reason)
+        for watched in Heartbeat.watching(str(self.args[0]), self.id):
+            Heartbeat.get().stop(watched, reason)
 
 
 def _kills_processes(pool: Any) -> bool:

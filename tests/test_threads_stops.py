@@ -16,6 +16,7 @@ from rest_framework.test import APIClient
 from apps.jobs import lifecycle
 from apps.jobs.models import Job
 from tasks import execution
+from tasks.leases import Heartbeat, Reporter
 from tests.conftest import WorkerProcess, wait_final, wait_for
 from tests.factories import make_job, submit
 from tests.test_threads_pool import running, threads_worker  # noqa: F401 (the fixture)
@@ -45,15 +46,15 @@ def test_two_attempts_of_one_job_in_one_process_are_watched_apart(user: User) ->
     job = make_job(user)
     first, second = copy.copy(job), copy.copy(job)
     first.lease, first.task_id, second.lease, second.task_id = uuid.uuid4(), "t1", uuid.uuid4(), "t2"
-    heartbeat = execution.Heartbeat.get()
+    heartbeat = Heartbeat.get()
 
-    with heartbeat.watch(second, execution.Reporter(second), lambda reason: None) as watched_second:
-        with heartbeat.watch(first, execution.Reporter(first), lambda reason: None):
-            assert len(execution.Heartbeat.watching(str(job.pk))) == 2
+    with heartbeat.watch(second, Reporter(second), lambda reason: None) as watched_second:
+        with heartbeat.watch(first, Reporter(first), lambda reason: None):
+            assert len(Heartbeat.watching(str(job.pk))) == 2
         # The first attempt's end leaves the second one watched (its lease renewed, its cancel heard).
-        assert execution.Heartbeat.watching(str(job.pk)) == [watched_second]
-        assert execution.Heartbeat.watching(str(job.pk), "t2") == [watched_second]
-    assert execution.Heartbeat.watching(str(job.pk)) == []
+        assert Heartbeat.watching(str(job.pk)) == [watched_second]
+        assert Heartbeat.watching(str(job.pk), "t2") == [watched_second]
+    assert Heartbeat.watching(str(job.pk)) == []
 
 
 @pytest.mark.usefixtures("no_shared_worker")

@@ -324,12 +324,6 @@ def redispatch(jobs: list[Job]) -> None:
     transaction.on_commit(lambda: publish_safely(jobs, front=True))
 
 
-def heartbeat(job: Job) -> bool:
-    """Renew the lease of a running attempt; False once it is no longer this attempt's (cancelled,
-    taken over)."""
-    return sql.heartbeat(job.pk, job.lease)
-
-
 def heartbeats(jobs: list[Job]) -> dict[tuple[UUID, UUID], bool]:
     """Renew the leases of several running attempts at once: for each (job, lease) still held, whether
     it was renewed (a row locked elsewhere is skipped this time); an attempt missing from it was

@@ -211,12 +211,6 @@ def insert_jobs_orm(jobs: list[Job], events: list[JobEvent]) -> None:
         JobEvent.objects.bulk_create(events)
 
 
-def heartbeat(job_id: UUID, lease: UUID) -> bool:
-    """Renew an attempt's lease on the database's clock; False once the attempt is no longer running
-    under this lease (cancelled, taken over)."""
-    return Job.objects.filter(pk=job_id, status=Status.RUNNING, lease=lease).update(heartbeat_at=Now()) == 1
-
-
 def heartbeats(attempts: Sequence[tuple[UUID, UUID]]) -> dict[tuple[UUID, UUID], bool]:
     """Renew the leases of several attempts in one statement, on the database's clock. Returns, for each
     (job, lease) still running under that lease, whether it was renewed: a row another transaction
