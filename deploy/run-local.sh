@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # `make run`: prepare what is missing (a .env with fresh secrets, PostgreSQL and Redis, the database
-# schema, the demo admin), then run web, worker, beat and Flower together until Ctrl-C. Safe to run
-# again. PostgreSQL and Redis are the ones that answer at DATABASE_URL and REDIS_URL (by default the
-# local ones); when nothing answers there, private servers under .run/ are started, and stopped on exit.
+# schema, the demo admin), then run web, worker, beat and Flower (and the Discord bot, when
+# DISCORD_BOT_TOKEN is set) together until Ctrl-C. Safe to run again. PostgreSQL and Redis are the
+# ones that answer at DATABASE_URL and REDIS_URL (by default the local ones); when nothing answers
+# there, private servers under .run/ are started, and stopped on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH"
@@ -33,4 +34,8 @@ python manage.py migrate --noinput
 echo
 python manage.py ensure_demo_admin
 echo
-honcho start -f Procfile
+processes="web worker beat flower"
+if [ -n "${DISCORD_BOT_TOKEN:-}" ]; then
+  processes="$processes discord"  # inbound Discord messages; without a token there is no bot to run
+fi
+honcho start -f Procfile $processes

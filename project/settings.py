@@ -37,6 +37,7 @@ INSTALLED_APPS = [
     "drf_spectacular_sidecar",
     "apps.jobs",
     "apps.credentials",
+    "apps.messaging",
 ]
 
 MIDDLEWARE = [
@@ -174,6 +175,8 @@ JOBS_RETRY_MAX_SECONDS = env.float("JOBS_RETRY_MAX_SECONDS", default=600.0)
 # Times a running job may be handed back by a worker shutting down (a deploy) without the attempt
 # counting; beyond that, a hand-back counts as an attempt.
 JOBS_MAX_HANDBACKS = env.int("JOBS_MAX_HANDBACKS", default=3)
+# How many times a job may be put off by a 429 or a shared rate limit before that counts as an attempt.
+JOBS_MAX_DEFERRALS = env.int("JOBS_MAX_DEFERRALS", default=100)
 JOBS_PROGRESS_MIN_INTERVAL_SECONDS = env.float("JOBS_PROGRESS_MIN_INTERVAL_SECONDS", default=0.5)
 # Seconds between the soft time limit (the job is told and marked timed_out) and the hard kill.
 JOBS_HARD_TIMEOUT_GRACE_SECONDS = env.int("JOBS_HARD_TIMEOUT_GRACE_SECONDS", default=10)
@@ -260,6 +263,56 @@ PERSONAS_DIR = Path(env.str("PERSONAS_DIR", default=str(BASE_DIR / "personas")))
 # Fernet keys for stored provider keys, comma-separated; the first encrypts (see rotate_credentials).
 CREDENTIALS_KEYS = env.list("CREDENTIALS_KEYS", default=[])
 
+# --- Messages (apps/messaging, tasks/channels) --------------------------------------------------
+# The address Twilio and other callers see (behind a proxy: the public https URL), for webhook
+# signatures and status callbacks. Proxy headers (X-Forwarded-Proto/Host) count only when
+# TRUST_PROXY_HEADERS is on.
+PUBLIC_BASE_URL = env.str("PUBLIC_BASE_URL", default="").rstrip("/")
+TRUST_PROXY_HEADERS = env.bool("TRUST_PROXY_HEADERS", default=False)
+if TRUST_PROXY_HEADERS:
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    USE_X_FORWARDED_HOST = True
+# The same text to the same destination within this many seconds is delivered once.
+MESSAGE_DEDUPE_SECONDS = env.int("MESSAGE_DEDUPE_SECONDS", default=60)
+# A rate-limit wait up to this long is waited out in the attempt; a longer one puts the job off.
+MESSAGE_MAX_INLINE_WAIT_SECONDS = env.float("MESSAGE_MAX_INLINE_WAIT_SECONDS", default=10.0)
+# Requests per second to any one destination (a phone number, a channel, an address), and its burst.
+MESSAGE_DESTINATION_RATE_PER_SECOND = env.float("MESSAGE_DESTINATION_RATE_PER_SECOND", default=1.0)
+MESSAGE_DESTINATION_BURST = env.int("MESSAGE_DESTINATION_BURST", default=5)
+# Who owns the conversations (and their jobs) that strangers start by writing in: a username,
+# created (without a usable password) when missing.
+MESSAGING_OWNER = env.str("MESSAGING_OWNER", default="conveyor-inbox")
+CONVERSATION_PERSONA = env.str("CONVERSATION_PERSONA", default="assistant")
+CONVERSATION_HISTORY_TOKENS = env.int("CONVERSATION_HISTORY_TOKENS", default=2000)
+TWILIO_ACCOUNT_SID = env.str("TWILIO_ACCOUNT_SID", default="")
+TWILIO_AUTH_TOKEN = env.str("TWILIO_AUTH_TOKEN", default="")
+TWILIO_FROM_NUMBER = env.str("TWILIO_FROM_NUMBER", default="")
+TWILIO_MESSAGING_SERVICE_SID = env.str("TWILIO_MESSAGING_SERVICE_SID", default="")
+TWILIO_API_BASE_URL = env.str("TWILIO_API_BASE_URL", default="").rstrip("/")  # another server (tests)
+TWILIO_TIMEOUT_SECONDS = env.float("TWILIO_TIMEOUT_SECONDS", default=15.0)
+SMS_RATE_PER_SECOND = env.float("SMS_RATE_PER_SECOND", default=1.0)  # per sending number (a long code: 1)
+SMS_SMART_ENCODING = env.bool("SMS_SMART_ENCODING", default=False)
+SMS_HELP_REPLY = env.str(
+    "SMS_HELP_REPLY",
+    default="Conveyor: replies are written by an AI assistant. Reply STOP to opt out, START to opt in.",
+)
+DISCORD_BOT_TOKEN = env.str("DISCORD_BOT_TOKEN", default="")
+DISCORD_API_BASE_URL = env.str("DISCORD_API_BASE_URL", default="").rstrip("/")  # e.g. http://127.0.0.1:9/api/v10
+DISCORD_RATE_PER_SECOND = env.float("DISCORD_RATE_PER_SECOND", default=50.0)  # Discord's global limit per bot
+DISCORD_TIMEOUT_SECONDS = env.float("DISCORD_TIMEOUT_SECONDS", default=30.0)
+EMAIL_BACKEND = env.str("EMAIL_BACKEND", default="django.core.mail.backends.smtp.EmailBackend")
+EMAIL_HOST = env.str("EMAIL_HOST", default="localhost")
+EMAIL_PORT = env.int("EMAIL_PORT", default=25)
+EMAIL_HOST_USER = env.str("EMAIL_HOST_USER", default="")
+EMAIL_HOST_PASSWORD = env.str("EMAIL_HOST_PASSWORD", default="")
+EMAIL_USE_TLS = env.bool("EMAIL_USE_TLS", default=False)
+EMAIL_USE_SSL = env.bool("EMAIL_USE_SSL", default=False)
+EMAIL_TIMEOUT = env.int("EMAIL_TIMEOUT", default=30)
+DEFAULT_FROM_EMAIL = env.str("DEFAULT_FROM_EMAIL", default="conveyor@localhost")
+EMAIL_RATE_PER_SECOND = env.float("EMAIL_RATE_PER_SECOND", default=10.0)  # per SMTP host
+EMAIL_WEBHOOK_SECRET = env.str("EMAIL_WEBHOOK_SECRET", default="")
+EMAIL_INBOUND_MAX_BYTES = env.int("EMAIL_INBOUND_MAX_BYTES", default=10 * 1024 * 1024)
+
 # Beat runs the reconciler in its own process, and promotes scheduled jobs (apps/jobs/scheduler.py).
 CELERY_BEAT_SCHEDULER = "apps.jobs.scheduler:Scheduler"
 CELERY_BEAT_SCHEDULE: dict = {}
@@ -284,6 +337,10 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
+    "ENUM_NAME_OVERRIDES": {
+        "JobStatusEnum": "apps.jobs.models.Status",
+        "MessageStatusEnum": "apps.messaging.models.Message.Status",
+    },
     # The event stream is an async Django view (no thread per open stream), which drf-spectacular
     # does not inspect: described here.
     "APPEND_PATHS": {

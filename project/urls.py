@@ -2,6 +2,8 @@ from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
+from apps.messaging import urls as messaging
+
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
@@ -9,6 +11,8 @@ urlpatterns = [
     path("api/", include("project.api")),  # the root page and health
     path("api/", include("apps.jobs.urls")),
     path("api/", include("apps.credentials.urls")),
+    path("api/", include(messaging.api_urlpatterns)),
+    path("webhooks/", include(messaging.webhook_urlpatterns)),
 ]
 
 handler500 = "project.api.server_error"

@@ -29,6 +29,13 @@ class RetryableError(JobError):
         self.retry_after = retry_after
 
 
+class RateLimited(RetryableError):
+    """The remote side (a 429) or a shared rate limit said "not now": tried again after `retry_after`
+    seconds without counting the attempt (a bounded number of times, JOBS_MAX_DEFERRALS)."""
+
+    counted = False
+
+
 class PermanentError(JobError):
     """A failure that another attempt would repeat (bad input, 4xx): fail the job at once."""
 

@@ -261,6 +261,7 @@ def _failed(job: Job, exc: Exception, deadline: float) -> str | None:
         str(exc) or type(exc).__name__,
         retryable=isinstance(exc, RETRYABLE),
         retry_after=getattr(exc, "retry_after", None),
+        counted=getattr(exc, "counted", True),
     )
 
 

@@ -32,7 +32,9 @@ from rest_framework.test import APIClient
 
 from apps.jobs.models import FINAL_STATUSES, Job
 from tests.factories import api_token, make_user
+from tests.fake_discord import FakeDiscord
 from tests.fake_llm import FakeLLM
+from tests.fake_twilio import FakeTwilio
 from tests.git_https import GitServer, make_certificate
 from tests.tooljobs import SAMPLE
 
@@ -327,6 +329,72 @@ def llm(_llm_server: FakeLLM) -> FakeLLM:
 
 
 @pytest.fixture(scope="session")
+def _twilio_server() -> Iterator[FakeTwilio]:
+    server = FakeTwilio(settings.TWILIO_ACCOUNT_SID, settings.TWILIO_AUTH_TOKEN).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def twilio(_twilio_server: FakeTwilio) -> FakeTwilio:
+    """The local Twilio the worker sends SMS to, with a fresh script and record."""
+    _twilio_server.reset()
+    return _twilio_server
+
+
+@pytest.fixture(scope="session")
+def _discord_server() -> Iterator[FakeDiscord]:
+    server = FakeDiscord(bot_token=settings.DISCORD_BOT_TOKEN).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def discord_api(_discord_server: FakeDiscord) -> FakeDiscord:
+    """The local Discord the worker talks to, with a fresh script and record (webhooks stay)."""
+    _discord_server.reset()
+    _discord_server.known_channels = None
+    _discord_server.bucket_limit = None
+    _discord_server.global_limit_per_second = None
+    return _discord_server
+
+
+class SmtpSink:
+    """A real SMTP server (aiosmtpd) that keeps what it receives."""
+
+    def __init__(self) -> None:
+        from aiosmtpd.controller import Controller
+
+        self.envelopes: list = []
+        self.port = _free_port()  # aiosmtpd cannot take port 0 (its readiness probe connects to it)
+        self.controller = Controller(self, hostname="127.0.0.1", port=self.port)
+
+    async def handle_DATA(self, server: object, session: object, envelope: object) -> str:
+        self.envelopes.append(envelope)
+        return "250 OK"
+
+    def messages(self) -> list:
+        import email
+        import email.policy
+
+        return [email.message_from_bytes(e.content, policy=email.policy.default) for e in self.envelopes]
+
+
+@pytest.fixture(scope="session")
+def _smtp_server() -> Iterator[SmtpSink]:
+    sink = SmtpSink()
+    sink.controller.start()
+    yield sink
+    sink.controller.stop()
+
+
+@pytest.fixture
+def smtp(_smtp_server: SmtpSink) -> SmtpSink:
+    _smtp_server.envelopes.clear()
+    return _smtp_server
+
+
+@pytest.fixture(scope="session")
 def git_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GitServer]:
     """A git host over https (a self-signed certificate the workers trust through JOB_GIT_CA_FILE)
     serving `sample.git`, the sample project with the tag v1."""
@@ -352,6 +420,9 @@ def process_env(
     tmp_path_factory: pytest.TempPathFactory,
     _llm_server: FakeLLM,
     git_server: GitServer,
+    _twilio_server: FakeTwilio,
+    _discord_server: FakeDiscord,
+    _smtp_server: SmtpSink,
 ) -> dict:
     """The environment for worker and beat processes: the test settings, pointed at the test database,
     the local LLM server and the local git host (whose address, 127.0.0.1, git sources may use;
@@ -369,6 +440,11 @@ def process_env(
         "ANTHROPIC_API_KEY": SERVER_ANTHROPIC_KEY,
         "JOB_GIT_ALLOWED_HOSTS": "127.0.0.1",
         "JOB_GIT_CA_FILE": str(git_server.cert),
+        "TWILIO_API_BASE_URL": _twilio_server.url,
+        "DISCORD_API_BASE_URL": _discord_server.api_base,
+        "EMAIL_BACKEND": "django.core.mail.backends.smtp.EmailBackend",
+        "EMAIL_HOST": "127.0.0.1",
+        "EMAIL_PORT": str(_smtp_server.port),
     }
 
 

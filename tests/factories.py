@@ -51,6 +51,8 @@ def sample_payload(kind: str) -> dict[str, Any]:
         return {"message": "m"}
     if kind == "ai_generate":
         return {"prompt": "hi", "dedupe": False}
+    if kind == "message":
+        return {"channel": "email", "to": "dev@example.test", "text": "hi"}
     return {"source": {"files": {"test_a.py": "def test_a():\n    pass\n"}}}  # build, test, lint
 
 

@@ -294,7 +294,7 @@ def test_the_written_out_job_representation_is_drfs_own(api: APIClient, user: Us
 @pytest.mark.parametrize(
     ("body", "field", "words"),
     [
-        ({"kind": "nope", "payload": {}}, "kind", "the kinds are: ai_generate, build, echo, lint, test"),
+        ({"kind": "nope", "payload": {}}, "kind", "the kinds are: ai_generate, build, echo, lint, message, test"),
         ({"kind": "echo", "payload": {"message": "m"}, "priorty": "high"}, "priorty", "Unknown field."),
         ({"kind": "echo", "payload": {"message": "m"}, "idempotency_key": "k" * 201}, "idempotency_key", "200"),
     ],

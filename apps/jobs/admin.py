@@ -1,3 +1,4 @@
+import json
 import uuid
 
 from django.contrib import admin, messages
@@ -7,6 +8,7 @@ from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 
 from apps.jobs import logs, services
+from apps.jobs.kinds import shown_payload
 from apps.jobs.models import Job, JobEvent
 
 LOG_TAIL_BYTES = 16 * 1024
@@ -42,7 +44,7 @@ class JobAdmin(admin.ModelAdmin):
     list_select_related = ["owner"]
     inlines = [JobEventInline]
     actions = ["cancel_jobs", "replay_jobs", "replay_dead_letters"]
-    readonly_fields = [f.name for f in Job._meta.fields] + ["progress_bar", "outcome", "log_tail"]
+    readonly_fields = [f.name for f in Job._meta.fields] + ["progress_bar", "outcome", "log_tail", "shown_payload"]
     fieldsets = [
         (
             None,
@@ -58,7 +60,7 @@ class JobAdmin(admin.ModelAdmin):
                 ]
             },
         ),
-        ("Input and outcome", {"fields": ["payload", "outcome", "result", "error"]}),
+        ("Input and outcome", {"fields": ["shown_payload", "outcome", "result", "error"]}),
         ("Output", {"fields": ["log_tail"]}),
         (
             "Attempts",
@@ -114,6 +116,12 @@ class JobAdmin(admin.ModelAdmin):
             job.progress_message,
             job.progress,
         )
+
+    @admin.display(description="payload")
+    def shown_payload(self, job: Job) -> SafeString:
+        """The payload as JSON, without its secrets (a webhook URL's token)."""
+        shown = json.dumps(shown_payload(job.kind, job.payload), indent=2, ensure_ascii=False)
+        return format_html("<pre>{}</pre>", shown)
 
     @admin.display(description="outcome")
     def outcome(self, job: Job) -> SafeString | str:

@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 
 from django.conf import settings
 from django.core.exceptions import ValidationError as DjangoValidationError
+from django.core.validators import validate_email
 from rest_framework import serializers
 
 from apps.jobs import ai_requests
@@ -182,6 +183,89 @@ class AIGeneratePayload(PayloadSerializer):
         return ai_requests.resolve(attrs, persona)
 
 
+E164 = re.compile(r"\+[1-9][0-9]{6,14}")
+SNOWFLAKE = re.compile(r"[0-9]{17,20}")
+DISCORD_WEBHOOK_URL = re.compile(
+    r"https://(?:discord|discordapp|ptb\.discord|canary\.discord)\.com/api(?:/v[0-9]+)?/webhooks/[0-9]{17,20}/[A-Za-z0-9._-]{60,100}"
+)
+MESSAGE_TEXT_MAX = {"discord": 20_000, "sms": 16_000, "email": 200_000}  # 10 parts of each channel at most
+
+
+def persona_name_problem(name: str) -> str:
+    """Why Discord would refuse `name` as a webhook's user name, or ""."""
+    if len(name) > 80:
+        return "a Discord name has at most 80 characters"
+    if "discord" in name.lower() or "clyde" in name.lower():
+        return "Discord refuses names containing 'discord' or 'clyde'"
+    return ""
+
+
+class MessagePayload(PayloadSerializer):
+    """message: a text to one destination on Discord (a channel id, or a webhook URL), SMS (an E.164
+    number) or email (an address), with an email's subject and HTML, and a persona to speak as on
+    Discord."""
+
+    channel = serializers.ChoiceField(choices=["discord", "sms", "email"])
+    to = serializers.CharField(max_length=320, required=False)
+    text = serializers.CharField(max_length=200_000, trim_whitespace=False)
+    subject = serializers.CharField(max_length=998, required=False, allow_blank=True)
+    html = serializers.CharField(max_length=1_000_000, required=False, trim_whitespace=False)
+    persona = serializers.CharField(max_length=100, required=False)
+    webhook_url = serializers.CharField(max_length=300, required=False)
+
+    def validate(self, attrs: dict) -> dict:
+        attrs = super().validate(attrs)
+        channel, to = attrs["channel"], attrs.get("to", "")
+        errors: dict[str, list[str]] = {}
+        if len(attrs["text"]) > MESSAGE_TEXT_MAX[channel]:
+            errors["text"] = [f"At most {MESSAGE_TEXT_MAX[channel]} characters for {channel}."]
+        if not attrs["text"].strip():
+            errors["text"] = ["The text is empty."]
+        for name in ("subject", "html"):
+            if name in attrs and channel != "email":
+                errors[name] = ["Only for email."]
+        for name in ("persona", "webhook_url"):
+            if name in attrs and channel != "discord":
+                errors[name] = ["Only for discord."]
+        if channel == "sms" and not E164.fullmatch(to):
+            errors["to"] = ["An SMS goes to a phone number in E.164 form, such as +15551234567."]
+        elif channel == "email":
+            try:
+                validate_email(to)
+            except DjangoValidationError:
+                errors["to"] = ["Not a valid email address."]
+            if "\r" in attrs.get("subject", "") or "\n" in attrs.get("subject", ""):
+                errors["subject"] = ["A subject is one line."]
+        elif channel == "discord":
+            if "webhook_url" in attrs:
+                if not DISCORD_WEBHOOK_URL.fullmatch(attrs["webhook_url"]):
+                    errors["webhook_url"] = [
+                        "Not a Discord webhook URL (https://discord.com/api/webhooks/<id>/<token>)."
+                    ]
+                if to:
+                    errors["to"] = ["Give either 'to' (a channel id) or 'webhook_url'."]
+            elif not SNOWFLAKE.fullmatch(to):
+                errors["to"] = ["A Discord channel id (17 to 20 digits), or give 'webhook_url'."]
+        if name := attrs.get("persona"):
+            persona = ai_requests.personas().get(name)
+            if persona is None:
+                errors["persona"] = [f"Unknown persona {name!r}."]
+            elif problem := persona_name_problem(persona.name):
+                errors["persona"] = [problem]
+        if errors:
+            raise serializers.ValidationError(errors)
+        return attrs
+
+
+def shown_payload(kind: str, payload: Any) -> Any:
+    """A payload as answers and pages show it: a Discord webhook URL's token (a secret: whoever has it
+    may post as the webhook) is left out."""
+    if kind == "message" and isinstance(payload, dict) and isinstance(payload.get("webhook_url"), str):
+        base, _, _token = payload["webhook_url"].rpartition("/")
+        return {**payload, "webhook_url": f"{base}/…"}
+    return payload
+
+
 @dataclass(frozen=True)
 class Kind:
     name: str
@@ -215,6 +299,9 @@ KINDS: dict[str, Kind] = {
         ),
         # A tool's verdict (failing tests, lint findings) is a result, never retried; the attempts
         # are for what is passing: a git host that did not answer, a lost worker.
+        # A 429 or a full rate limit puts the job off without using an attempt (see RateLimited); the
+        # attempts are for what fails: a provider's 5xx, no answer.
+        Kind("message", queue="messages", payload_serializer=MessagePayload, max_attempts=5, timeout_seconds=120),
         *(
             Kind(name, queue="builds", payload_serializer=ToolPayload, max_attempts=2, timeout_seconds=600)
             for name in ("build", "test", "lint")

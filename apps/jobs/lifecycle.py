@@ -19,6 +19,7 @@ import math
 import random
 import uuid
 from collections.abc import Iterable
+from contextlib import nullcontext
 from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
@@ -31,6 +32,7 @@ from apps.jobs import live, sql
 from apps.jobs.dispatch import publish_callback_on_commit, publish_on_commit, publish_safely
 from apps.jobs.kinds import get_kind
 from apps.jobs.models import ACTIVE_STATUSES, Job, JobEvent, Status
+from apps.jobs.signals import has_followers, job_finished
 from apps.jobs.statuses import ErrorType, Event, LiveEvent
 
 RETRYABLE_FINAL = (Status.FAILED, Status.TIMED_OUT, Status.CANCELLED)
@@ -144,44 +146,58 @@ def claim(job_id: UUID | str, *, task_id: str, worker: str, process: str) -> Job
     return job
 
 
+def _finishing(job: Job) -> Any:
+    """The transaction a final transition runs in: its own statement, or (for a job that other work
+    follows, see `apps.jobs.signals`) one that the followers' writes join."""
+    return transaction.atomic() if has_followers(job) else nullcontext()
+
+
+def _finished(job: Job) -> None:
+    publish_callback_on_commit(job)
+    if has_followers(job):
+        job_finished.send(Job, job=job)
+
+
 def succeed(job: Job, result: Any, progress_message: str | None = None) -> bool:
     extra = {} if progress_message is None else {"progress_message": storable(progress_message[:200])}
-    won = _transition(
-        job,
-        [Status.RUNNING],
-        Status.SUCCEEDED,
-        event=Event.SUCCEEDED,
-        fenced=True,
-        result=storable(result),
-        error=None,
-        progress=100,
-        finished_at=timezone.now(),
-        **CLEARED_ATTEMPT,
-        **extra,
-    )
-    if won:
-        publish_callback_on_commit(job)
+    with _finishing(job):
+        won = _transition(
+            job,
+            [Status.RUNNING],
+            Status.SUCCEEDED,
+            event=Event.SUCCEEDED,
+            fenced=True,
+            result=storable(result),
+            error=None,
+            progress=100,
+            finished_at=timezone.now(),
+            **CLEARED_ATTEMPT,
+            **extra,
+        )
+        if won:
+            _finished(job)
     return won
 
 
 def _fail(job: Job, error_type: str, message: str, status: str, *, fenced: bool = True) -> bool:
     """End a running job as failed or timed out; it goes to the dead-letter queue for replay."""
     message = storable(message)
-    won = _transition(
-        job,
-        [Status.RUNNING],
-        status,
-        event=status,
-        message=message,
-        data={"dead_lettered": True, "attempt": job.attempts},
-        fenced=fenced,
-        error={"type": error_type, "message": message},
-        dead_lettered=True,
-        finished_at=timezone.now(),
-        **CLEARED_ATTEMPT,
-    )
-    if won:
-        publish_callback_on_commit(job)
+    with _finishing(job):
+        won = _transition(
+            job,
+            [Status.RUNNING],
+            status,
+            event=status,
+            message=message,
+            data={"dead_lettered": True, "attempt": job.attempts},
+            fenced=fenced,
+            error={"type": error_type, "message": message},
+            dead_lettered=True,
+            finished_at=timezone.now(),
+            **CLEARED_ATTEMPT,
+        )
+        if won:
+            _finished(job)
     return won
 
 
@@ -193,13 +209,36 @@ def end_attempt(
     retryable: bool,
     retry_after: float | None = None,
     timed_out: bool = False,
+    counted: bool = True,
 ) -> str | None:
     """What follows an attempt that did not succeed, decided here and nowhere else. Returns the status
-    the job moved to, or None if the attempt was no longer the job's (cancelled, taken over)."""
+    the job moved to, or None if the attempt was no longer the job's (cancelled, taken over).
+
+    An attempt that is not `counted` (a provider's 429, a shared rate limit: the job was told "not
+    now", it did not fail) is tried again after `retry_after` without using up an attempt, at most
+    JOBS_MAX_DEFERRALS times."""
     if timed_out:
         won = _fail(job, ErrorType.TIMED_OUT, f"timed out after {job.timeout_seconds}s", Status.TIMED_OUT)
         return Status.TIMED_OUT if won else None
     message = storable(message)
+    if retryable and not counted and job.deferrals < settings.JOBS_MAX_DEFERRALS:
+        delay = backoff(job.attempts, retry_after if retry_after is not None else 1.0)
+        won = _transition(
+            job,
+            [Status.RUNNING],
+            Status.RETRYING,
+            event=Event.DEFERRED,
+            message=f"{message} (next try in {delay:.1f}s; not counted as an attempt)",
+            data={"attempt": job.attempts, "delay_s": round(delay, 3), "deferrals": job.deferrals + 1},
+            fenced=True,
+            extra_set='"attempts" = "attempts" - 1, "deferrals" = "deferrals" + 1',
+            run_at=timezone.now() + timedelta(seconds=delay),
+            **CLEARED_ATTEMPT,
+        )
+        if won:
+            job.attempts, job.deferrals = job.attempts - 1, job.deferrals + 1
+            transaction.on_commit(lambda: publish_safely([job], countdown=delay))
+        return Status.RETRYING if won else None
     if retryable and job.attempts < job.max_attempts:
         delay = backoff(job.attempts, retry_after)
         won = _transition(
@@ -267,10 +306,11 @@ def cancel(job_id: UUID) -> tuple[bool, Job]:
     """Cancel an unfinished job. Returns (won, job as it was before)."""
     job = Job.objects.get(pk=job_id)
     before = copy.copy(job)
-    won = _transition(job, ACTIVE_STATUSES, Status.CANCELLED, event=Event.CANCELLED, finished_at=timezone.now(),
-                      **CLEARED_ATTEMPT)  # fmt: skip
-    if won:
-        publish_callback_on_commit(job)
+    with _finishing(job):
+        won = _transition(job, ACTIVE_STATUSES, Status.CANCELLED, event=Event.CANCELLED,
+                          finished_at=timezone.now(), **CLEARED_ATTEMPT)  # fmt: skip
+        if won:
+            _finished(job)
     return won, before
 
 
@@ -286,6 +326,7 @@ def replay(job_id: UUID) -> bool:
         message="re-queued by request",
         attempts=0,
         handbacks=0,
+        deferrals=0,
         dead_lettered=False,
         result=None,
         error=None,

@@ -95,6 +95,9 @@ class Job(models.Model):
     redispatched_at = models.DateTimeField(null=True, blank=True)
     # Attempts handed back by a worker shutting down (a deploy), which did not count as attempts.
     handbacks = models.PositiveSmallIntegerField(default=0)
+    # Attempts put off because a provider or a shared rate limit said "not now" (a 429), which did not
+    # count as attempts either (at most JOBS_MAX_DEFERRALS, then they count).
+    deferrals = models.PositiveIntegerField(default=0)
 
     objects = JobQuerySet.as_manager()
 

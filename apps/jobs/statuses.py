@@ -39,6 +39,8 @@ class Event(models.TextChoices):
     REQUEUED = "requeued"  # its process died or its lease ran out; the attempt counted
     HANDED_BACK = "handed_back"  # its worker went away on purpose; the attempt did not count
     RETRIED = "retried"  # a user's replay of a finished job
+    DEFERRED = "deferred"  # a 429 or a shared rate limit said "not now"; the attempt did not count
+    DELIVERY = "delivery"  # a message part's delivery status reported by its provider (after the fact)
 
 
 class LiveEvent:

@@ -84,3 +84,79 @@ def acquire(limits: Sequence[Limit], *, max_wait: float, sleep=time.sleep) -> fl
         if time.monotonic() + wait > deadline:
             return wait
         sleep(wait)
+
+
+# --- buckets learned from a provider's answers (Discord's X-RateLimit-* headers) -------------------
+
+# A bucket as the provider last described it: `limit` requests a window, `remaining` in the current one,
+# which ends at `reset` (on Redis's clock), and the window's length. Workers take from `remaining` before
+# they send; each answer corrects it. Once a window has passed, the next one is assumed to start now
+# with `limit` (plus a margin, since the provider's window may have started a little later).
+_RESERVE = """
+local now_parts = redis.call('TIME')
+local now = tonumber(now_parts[1]) + tonumber(now_parts[2]) / 1000000
+local blocked = redis.call('PTTL', KEYS[2])
+if blocked > 0 then return tostring(blocked / 1000) end
+local b = redis.call('HMGET', KEYS[1], 'limit', 'remaining', 'reset', 'window')
+if not b[1] then return '0' end
+local limit, remaining, reset, window = tonumber(b[1]), tonumber(b[2]), tonumber(b[3]), tonumber(b[4])
+local margin = tonumber(ARGV[1])
+if reset + margin <= now then
+  reset = now + window + margin
+  remaining = limit
+end
+if remaining <= 0 then return tostring(reset + margin - now) end
+redis.call('HSET', KEYS[1], 'remaining', remaining - 1, 'reset', reset)
+redis.call('PEXPIRE', KEYS[1], math.ceil((reset - now + window) * 1000) + 60000)
+return '0'
+"""
+
+# ARGV: limit, remaining, reset_after. The smaller `remaining` wins within one window (answers arrive
+# out of order, and workers took from it meanwhile).
+_LEARN = """
+local now_parts = redis.call('TIME')
+local now = tonumber(now_parts[1]) + tonumber(now_parts[2]) / 1000000
+local limit, remaining, reset_after = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local reset = now + reset_after
+local b = redis.call('HMGET', KEYS[1], 'remaining', 'reset', 'window')
+local window = reset_after
+if b[3] and tonumber(b[3]) > window then window = tonumber(b[3]) end
+if b[2] and tonumber(b[2]) > now and math.abs(tonumber(b[2]) - reset) < 1 then
+  if tonumber(b[1]) < remaining then remaining = tonumber(b[1]) end
+  if tonumber(b[2]) > reset then reset = tonumber(b[2]) end
+end
+redis.call('HSET', KEYS[1], 'limit', limit, 'remaining', remaining, 'reset', reset, 'window', window)
+redis.call('PEXPIRE', KEYS[1], math.ceil((reset - now + window) * 1000) + 60000)
+return 'ok'
+"""
+
+BUCKET_MARGIN_SECONDS = 0.25
+
+
+@per_process
+def _bucket_scripts() -> tuple[object, object, object]:
+    import redis
+
+    client = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=5)
+    return client, client.register_script(_RESERVE), client.register_script(_LEARN)
+
+
+def reserve(bucket: str, blocked_key: str = "") -> float:
+    """Take a request from a learned bucket (and wait out a block on `blocked_key`, such as Discord's
+    global limit after a global 429). 0 when admitted, else the seconds to wait; nothing is taken then."""
+    _, script, _ = _bucket_scripts()
+    keys = [PREFIX + "bucket:" + bucket, PREFIX + "block:" + (blocked_key or "none")]
+    return float(script(keys=keys, args=[BUCKET_MARGIN_SECONDS]))
+
+
+def learn(bucket: str, *, limit: int, remaining: int, reset_after: float) -> None:
+    """What the provider said of a bucket after a request."""
+    _, _, script = _bucket_scripts()
+    script(keys=[PREFIX + "bucket:" + bucket], args=[limit, remaining, reset_after])
+
+
+def block(key: str, seconds: float) -> None:
+    """Hold every request that checks `key` for `seconds` (a global 429)."""
+    client, _, _ = _bucket_scripts()
+    millis = max(1, int(seconds * 1000))
+    client.set(PREFIX + "block:" + key, "1", px=millis)

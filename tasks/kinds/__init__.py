@@ -2,7 +2,7 @@
 every kind of the catalogue, `apps.jobs.kinds.KINDS` (a test checks)."""
 
 from tasks.context import Handler
-from tasks.kinds import ai_generate, build, echo, lint, test
+from tasks.kinds import ai_generate, build, echo, lint, message, test
 
 HANDLERS: dict[str, Handler] = {
     "echo": echo.handle,
@@ -10,4 +10,5 @@ HANDLERS: dict[str, Handler] = {
     "build": build.handle,
     "test": test.handle,
     "lint": lint.handle,
+    "message": message.handle,
 }

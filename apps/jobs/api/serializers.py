@@ -7,7 +7,7 @@ from django.utils import timezone
 from rest_framework import serializers
 
 from apps.jobs.dispatch import callback_host_allowed as host_allowed
-from apps.jobs.kinds import KINDS
+from apps.jobs.kinds import KINDS, shown_payload
 from apps.jobs.models import Job, JobEvent, Priority
 from project.parsers import RequestTooLarge
 
@@ -141,7 +141,7 @@ class JobSerializer(serializers.ModelSerializer):
             "kind": job.kind,
             "priority": job.priority,
             "status": job.status,
-            "payload": job.payload,
+            "payload": shown_payload(job.kind, job.payload),
             "result": job.result,
             "error": job.error,
             "progress": job.progress,

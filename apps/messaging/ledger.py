@@ -1,0 +1,116 @@
+"""The records that make a `message` job deliver once: which parts its provider accepted (a retry sends
+only the others), and which job claimed a text to a destination (a second job within
+MESSAGE_DEDUPE_SECONDS delivers nothing and names the first)."""
+
+import hashlib
+from datetime import timedelta
+from typing import Any
+from uuid import UUID
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from apps.jobs.models import Job
+from apps.messaging.models import Delivery, DiscordWebhook, OptOut, SendClaim
+
+GIVEN_UP = (Job.Status.FAILED, Job.Status.CANCELLED, Job.Status.TIMED_OUT)
+
+
+def dedupe_key(owner_id: int, payload: dict[str, Any]) -> str:
+    """The identity of a send: the same text to the same destination by the same owner. A reply in a
+    conversation is also the answer to one inbound message: two messages get two answers, even alike."""
+    names = ("channel", "to", "webhook_url", "persona", "subject", "text", "html", "inbound")
+    fields = [str(owner_id)] + [str(payload.get(name) or "") for name in names]
+    return hashlib.sha256("\x1f".join(fields).encode()).hexdigest()
+
+
+def claim(job_id: UUID, key: str) -> UUID | None:
+    """Claim the send for this job; None if it is ours, else the id of the job that holds it (one that
+    has not given up without delivering anything)."""
+    now = timezone.now()
+    expires = now + timedelta(seconds=settings.MESSAGE_DEDUPE_SECONDS)
+    for _ in range(2):  # a claim inserted by another job between our look and our insert: look again
+        try:
+            with transaction.atomic():
+                held = SendClaim.objects.select_for_update().filter(key=key).first()
+                if held is None:
+                    SendClaim.objects.create(key=key, job_id=job_id, expires_at=expires)
+                    return None
+                if held.job_id == job_id:
+                    return None
+                if held.expires_at <= now or _gave_up(held.job_id):
+                    held.job_id, held.expires_at = job_id, expires
+                    held.save(update_fields=["job", "expires_at"])
+                    return None
+                return held.job_id
+        except IntegrityError:
+            continue
+    raise IntegrityError("the send claim kept changing hands")
+
+
+def _gave_up(job_id: UUID) -> bool:
+    """The holder ended without delivering a part: its claim is free."""
+    ended = Job.objects.filter(pk=job_id, status__in=GIVEN_UP).exists()
+    return ended and not Delivery.objects.filter(job_id=job_id).exists()
+
+
+def delivered(job_id: UUID) -> dict[int, Delivery]:
+    return {d.part: d for d in Delivery.objects.filter(job_id=job_id)}
+
+
+def record(job_id: UUID, part: int, *, channel: str, to: str, provider_id: str, status: str,
+           segments: int | None) -> None:  # fmt: skip
+    rank = Delivery.RANK.get(status, 0)
+    Delivery.objects.update_or_create(
+        job_id=job_id,
+        part=part,
+        defaults={
+            "channel": channel,
+            "to": to,
+            "provider_id": provider_id,
+            "status": status,
+            "rank": rank,
+            "segments": segments,
+        },
+    )
+
+
+def deliveries(job_id: UUID) -> list[dict[str, Any]]:
+    """Each delivered part, in order, with its latest status."""
+    found = []
+    for d in Delivery.objects.filter(job_id=job_id).order_by("part"):
+        item: dict[str, Any] = {"id": d.provider_id, "part": d.part, "status": d.status}
+        if d.segments is not None:
+            item["segments"] = d.segments
+        if d.error_code:
+            item["error_code"] = d.error_code
+        found.append(item)
+    return found
+
+
+def opted_out(our_address: str, their_address: str) -> bool:
+    return OptOut.objects.filter(our_address=our_address, their_address=their_address).exists()
+
+
+def record_opt_out(our_address: str, their_address: str, keyword: str) -> None:
+    OptOut.objects.get_or_create(our_address=our_address, their_address=their_address, defaults={"keyword": keyword})
+
+
+def discord_webhook(channel_id: str) -> tuple[str, str] | None:
+    from apps.credentials.crypto import decrypt
+
+    hook = DiscordWebhook.objects.filter(channel_id=channel_id).first()
+    return (hook.webhook_id, decrypt(hook.token)) if hook else None
+
+
+def keep_discord_webhook(channel_id: str, webhook_id: str, token: str) -> None:
+    from apps.credentials.crypto import encrypt
+
+    DiscordWebhook.objects.update_or_create(
+        channel_id=channel_id, defaults={"webhook_id": webhook_id, "token": encrypt(token)}
+    )
+
+
+def forget_discord_webhook(channel_id: str) -> None:
+    DiscordWebhook.objects.filter(channel_id=channel_id).delete()

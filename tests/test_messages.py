@@ -1,0 +1,250 @@
+"""Outgoing `message` jobs through a real worker to real local servers: a fake Twilio, a fake Discord
+(REST, with rate-limit headers) and an SMTP server (aiosmtpd)."""
+
+import uuid
+
+import pytest
+
+from apps.jobs.models import Job, JobEvent
+from apps.messaging.models import Delivery, DiscordWebhook
+from tests.conftest import SmtpSink, wait_final
+from tests.factories import submit
+from tests.fake_discord import FakeDiscord
+from tests.fake_twilio import FakeTwilio
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+CHANNEL = "123456789012345678"
+
+
+def unique(text: str) -> str:
+    """A text no other test sends (a text sent twice to one destination within a minute goes once)."""
+    return f"{text} [{uuid.uuid4().hex[:8]}]"
+
+
+def send(api: object, **payload: object) -> Job:
+    job = submit(api, "message", payload)
+    return wait_final(job["id"], timeout=30)
+
+
+def paragraphs(count: int, size: int) -> str:
+    return "\n\n".join((f"Paragraph {n}. " + "word " * ((size - 20) // 5)).rstrip() for n in range(count))
+
+
+# --- Discord ------------------------------------------------------------------------------------
+
+
+def test_a_long_discord_text_arrives_in_three_parts_at_boundaries_in_order(api, worker, discord_api: FakeDiscord):
+    text = unique(paragraphs(9, 500))  # about 4,500 characters
+    assert 4_300 < len(text) < 4_700
+    job = send(api, channel="discord", to=CHANNEL, text=text)
+
+    assert job.status == "succeeded", job.error
+    posted = [m for m in discord_api.messages if m.channel_id == CHANNEL]
+    assert len(posted) == 3
+    assert all(len(m.content) <= 2000 for m in posted)
+    assert "\n\n".join(m.content for m in posted) == text  # cut only where paragraphs end
+    assert all(m.authorization == "Bot bot-token" for m in posted)
+    assert all(m.allowed_mentions == {"parse": []} for m in posted)  # no @everyone from a model's text
+    assert job.result["parts"] == 3
+    assert [d["id"] for d in job.result["delivered"]] == [m.id for m in posted]
+    assert [d["part"] for d in job.result["delivered"]] == [0, 1, 2]
+
+
+def test_a_long_code_block_is_closed_and_reopened_with_its_language(api, worker, discord_api: FakeDiscord):
+    code = "\n".join(f"print({n})  # line {n} of a long listing" for n in range(120))
+    text = unique("Here is the script:\n\n```python\n" + code + "\n```\nDone.")
+    job = send(api, channel="discord", to=CHANNEL, text=text)
+
+    assert job.status == "succeeded", job.error
+    posted = [m.content for m in discord_api.messages]
+    assert len(posted) >= 3
+    for part in posted:
+        assert part.count("```") % 2 == 0, part[-200:]  # every fence opened in a part is closed in it
+    for part in posted[1:-1]:
+        assert part.startswith("```python\n")
+
+
+def test_an_unknown_channel_fails_at_once_with_discords_message(api, worker, discord_api: FakeDiscord):
+    discord_api.known_channels = {CHANNEL}
+    job = send(api, channel="discord", to="999999999999999999", text=unique("hello"))
+
+    assert job.status == "failed"
+    assert job.attempts == 1
+    assert "10003" in job.error["message"]
+    assert "Unknown Channel" in job.error["message"]
+
+
+def test_a_persona_speaks_through_the_channels_webhook_made_once_and_again_if_deleted(
+    api, worker, discord_api: FakeDiscord
+):
+    channel = str(700000000000000000 + uuid.uuid4().int % 10**15)
+    first = send(api, channel="discord", to=channel, text=unique("one"), persona="assistant")
+    second = send(api, channel="discord", to=channel, text=unique("two"), persona="assistant")
+
+    assert first.status == second.status == "succeeded", (first.error, second.error)
+    made = [r for r in discord_api.requests if r.method == "POST" and r.path.endswith(f"/channels/{channel}/webhooks")]
+    assert len(made) == 1
+    hook = DiscordWebhook.objects.get(channel_id=channel)
+    posted = [m for m in discord_api.messages if m.webhook_id == hook.webhook_id]
+    assert [m.username for m in posted] == ["assistant", "assistant"]
+    assert all(m.allowed_mentions == {"parse": []} for m in posted)
+    assert "token" not in str(hook)
+    assert hook.token not in {m.authorization for m in posted}
+
+    discord_api.delete_webhook(hook.webhook_id)
+    third = send(api, channel="discord", to=channel, text=unique("three"), persona="assistant")
+    assert third.status == "succeeded", third.error
+    renewed = DiscordWebhook.objects.get(channel_id=channel)
+    assert renewed.webhook_id != hook.webhook_id
+    assert discord_api.messages[-1].webhook_id == renewed.webhook_id
+
+
+def test_a_webhook_url_is_sent_to_with_the_personas_name(api, worker, discord_api: FakeDiscord):
+    hook = discord_api.add_webhook(CHANNEL)
+    job = send(api, channel="discord", webhook_url=discord_api.webhook_url(hook), text=unique("hi"), persona="reviewer")
+
+    assert job.status == "succeeded", job.error
+    (posted,) = [m for m in discord_api.messages if m.webhook_id == hook["id"]]
+    assert posted.username == "reviewer"
+    assert job.result["delivered"][0]["id"] == posted.id
+    assert hook["token"] not in Delivery.objects.get(job=job).to  # the token is never the destination
+    shown = api.get(f"/api/jobs/{job.pk}/").content.decode()
+    assert hook["token"] not in shown  # a secret: whoever has it may post as the webhook
+    assert "/api/webhooks/" in shown
+
+
+def test_a_429_with_retry_after_is_honoured_without_burning_an_attempt(api, worker, discord_api: FakeDiscord):
+    # Without a Via header discord.py does not wait itself (it takes it for a ban): the job is put off.
+    discord_api.fail_next(429, {"message": "slow down", "retry_after": 1.0, "global": False},
+                          headers={"Via": "", "Retry-After": "1"})  # fmt: skip
+    job = send(api, channel="discord", to=CHANNEL, text=unique("patience"))
+
+    assert job.status == "succeeded", job.error
+    assert job.attempts == 1
+    assert job.deferrals == 1
+    deferred = JobEvent.objects.get(job=job, type="deferred")
+    assert deferred.data["delay_s"] == pytest.approx(1.0, abs=0.01)
+    assert "not counted as an attempt" in deferred.message
+
+
+# --- SMS ----------------------------------------------------------------------------------------
+
+
+def test_an_sms_arrives_with_from_to_and_body_and_its_sid_is_the_delivered_id(api, worker, twilio: FakeTwilio):
+    body = unique("Your build passed")
+    job = send(api, channel="sms", to="+15551230001", text=body)
+
+    assert job.status == "succeeded", job.error
+    (sms,) = twilio.messages
+    assert (sms.from_, sms.to, sms.body) == ("+15550000001", "+15551230001", body)
+    assert sms.status_callback == "http://testserver/webhooks/twilio/status/"
+    assert job.result["delivered"] == [
+        {"id": sms.sid, "part": 0, "status": "queued", "segments": 1, "encoding": "GSM-7"}
+    ]
+
+
+def test_a_ucs2_text_reports_its_segments(api, worker, twilio: FakeTwilio):
+    body = unique("Привет! " * 12)  # Cyrillic: UCS-2, 67 characters a segment once concatenated
+    job = send(api, channel="sms", to="+15551230002", text=body)
+
+    assert job.status == "succeeded", job.error
+    (part,) = job.result["delivered"]
+    assert part["encoding"] == "UCS-2"
+    assert part["segments"] == -(-len(body) // 67)
+
+
+def test_an_invalid_number_fails_at_once(api, worker, twilio: FakeTwilio):
+    twilio.invalid_numbers.add("+15551230003")
+    job = send(api, channel="sms", to="+15551230003", text=unique("hello"))
+
+    assert job.status == "failed"
+    assert job.attempts == 1
+    assert "21211" in job.error["message"]
+    assert "not a valid phone number" in job.error["message"]
+    assert job.dead_lettered
+
+
+def test_a_retry_sends_only_the_parts_not_yet_delivered(api, worker, twilio: FakeTwilio):
+    text = unique(paragraphs(3, 1500))  # three SMS of at most 1,600 characters
+    twilio.fail_body("Paragraph 1.", 500, 20500, "Internal Server Error")
+    job = send(api, channel="sms", to="+15551230004", text=text)
+
+    assert job.status == "succeeded", job.error
+    assert job.attempts == 2
+    bodies = [m.body for m in twilio.messages]
+    assert [b.split(".")[0] for b in bodies] == ["Paragraph 0", "Paragraph 1", "Paragraph 2"]  # each once
+    assert [d["id"] for d in job.result["delivered"]] == [m.sid for m in twilio.messages]
+
+
+def test_two_identical_sends_within_the_window_deliver_once(api, worker, twilio: FakeTwilio):
+    body = unique("Deploy finished")
+    first = submit(api, "message", {"channel": "sms", "to": "+15551230005", "text": body})
+    second = submit(api, "message", {"channel": "sms", "to": "+15551230005", "text": body})
+    first, second = wait_final(first["id"]), wait_final(second["id"])
+
+    assert first.status == second.status == "succeeded"
+    assert len(twilio.messages) == 1
+    results = sorted([first.result, second.result], key=lambda r: "duplicate_of" in r)
+    assert results[1]["duplicate_of"] in {str(first.pk), str(second.pk)}
+    assert results[1]["delivered"][0]["id"] == twilio.messages[0].sid
+
+
+def test_an_sms_429_puts_the_job_off_without_an_attempt(api, worker, twilio: FakeTwilio):
+    twilio.fail_next(429, 20429, "Too Many Requests", headers={"Retry-After": "1"})
+    job = send(api, channel="sms", to="+15551230006", text=unique("later"))
+
+    assert job.status == "succeeded", job.error
+    assert (job.attempts, job.deferrals) == (1, 1)
+    assert len(twilio.messages) == 1
+
+
+# --- email --------------------------------------------------------------------------------------
+
+
+def test_an_email_arrives_with_its_subject_both_bodies_and_our_message_id(api, worker, smtp: SmtpSink):
+    text = unique("The nightly build <failed>.\n\nSee https://ci.example.test/7")
+    job = send(api, channel="email", to="dev@example.test", subject="Build #7 failed", text=text)
+
+    assert job.status == "succeeded", job.error
+    (envelope,) = smtp.envelopes
+    assert envelope.rcpt_tos == ["dev@example.test"]
+    (message,) = smtp.messages()
+    assert message["Subject"] == "Build #7 failed"
+    assert message["From"] == "conveyor@example.test"
+    assert message["Message-ID"] == job.result["delivered"][0]["id"] == f"<conveyor.{job.pk}@example.test>"
+    plain = message.get_body(("plain",)).get_content()
+    html = message.get_body(("html",)).get_content()
+    assert plain.replace("\r\n", "\n").strip() == text
+    assert "&lt;failed&gt;" in html
+    assert '<a href="https://ci.example.test/7"' in html
+
+
+# --- the payload --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("payload", "field", "reason"),
+    [
+        ({"channel": "sms", "to": "555-1234", "text": "x"}, "to", "E.164"),
+        ({"channel": "email", "to": "not-an-address", "text": "x"}, "to", "email address"),
+        (
+            {"channel": "email", "to": "a@example.test", "text": "x", "subject": "a\nBcc: x@y.test"},
+            "subject",
+            "one line",
+        ),
+        ({"channel": "discord", "to": "general", "text": "x"}, "to", "channel id"),
+        (
+            {"channel": "discord", "webhook_url": "https://evil.example/api/webhooks/1/x", "text": "x"},
+            "webhook_url",
+            "webhook",
+        ),
+        ({"channel": "sms", "to": "+15551234567", "text": "x", "persona": "assistant"}, "persona", "Only for discord"),
+        ({"channel": "discord", "to": CHANNEL, "text": "x", "persona": "nobody"}, "persona", "Unknown persona"),
+        ({"channel": "sms", "to": "+15551234567", "text": "   "}, "text", "empty"),
+        ({"channel": "pigeon", "to": "x", "text": "x"}, "channel", "valid choice"),
+    ],
+)
+def test_a_bad_message_payload_is_refused_naming_the_field(api, payload: dict, field: str, reason: str) -> None:
+    errors = submit(api, "message", payload, expect=400)
+    assert reason in str(errors["payload"][field])
