@@ -7,7 +7,7 @@ import pytest
 
 from apps.jobs.models import Job, JobEvent
 from apps.messaging.models import Delivery, DiscordWebhook
-from tests.conftest import SmtpSink, wait_final
+from tests.conftest import SmtpSink, wait_final, wait_for
 from tests.factories import submit
 from tests.fake_discord import FakeDiscord
 from tests.fake_twilio import FakeTwilio
@@ -248,3 +248,42 @@ def test_an_email_arrives_with_its_subject_both_bodies_and_our_message_id(api, w
 def test_a_bad_message_payload_is_refused_naming_the_field(api, payload: dict, field: str, reason: str) -> None:
     errors = submit(api, "message", payload, expect=400)
     assert reason in str(errors["payload"][field])
+
+
+def test_workers_share_a_channels_bucket_learned_from_discord(api, worker, discord_api: FakeDiscord):
+    # Two pool processes send to one channel whose bucket allows 2 messages every 2 s. discord.py alone
+    # keeps a bucket per process; the shared one keeps both within it: after the first 429 (while the
+    # bucket is still unknown), none.
+    discord_api.bucket_limit, discord_api.bucket_window = 2, 2.0
+    channel = str(800000000000000000 + uuid.uuid4().int % 10**15)
+    jobs = [submit(api, "message", {"channel": "discord", "to": channel, "text": unique(f"tick {n}")}) for n in range(8)]
+    finished = [wait_final(job["id"], timeout=60) for job in jobs]
+
+    assert [job.status for job in finished] == ["succeeded"] * 8
+    posted = sorted(m.at for m in discord_api.messages if m.channel_id == channel)
+    assert len(posted) == 8
+    limited = sorted(at for path, scope, at in discord_api.rate_limited if channel in path)
+    assert len(limited) <= 1 or all(at <= posted[2] for at in limited), limited  # only in the first window
+    for first, third in zip(posted, posted[2:], strict=False):
+        assert third - first >= 2.0 - 0.05  # never a third message within a window
+
+
+@pytest.mark.parametrize(("scope", "holds_everyone"), [("global", True), ("shared", False)])
+def test_discords_429_scopes_are_told_apart(api, worker, discord_api: FakeDiscord, scope: str, holds_everyone: bool):
+    # A global 429 holds every worker's requests for its retry_after; a "shared" one (a resource's
+    # limit, shared with others) is only that request's to wait out.
+    discord_api.fail_next(
+        429,
+        {"message": "You are being rate limited.", "retry_after": 1.5, "global": scope == "global"},
+        headers={"X-RateLimit-Scope": scope, "Retry-After": "2"} | ({"X-RateLimit-Global": "true"} if holds_everyone else {}),
+    )
+    first = submit(api, "message", {"channel": "discord", "to": CHANNEL, "text": unique("first")})
+    (limited_at,) = [at for _, _, at in wait_for(lambda: discord_api.rate_limited, what="the 429")]
+    other = wait_final(submit(api, "message", {"channel": "discord", "to": "876543210987654321", "text": unique("other")})["id"])
+    assert wait_final(first["id"]).status == other.status == "succeeded"
+
+    (sent,) = [m.at for m in discord_api.messages if m.channel_id == "876543210987654321"]
+    if holds_everyone:
+        assert sent - limited_at >= 1.4
+    else:
+        assert sent - limited_at < 1.4
