@@ -256,7 +256,8 @@ def test_workers_share_a_channels_bucket_learned_from_discord(api, worker, disco
     # bucket is still unknown), none.
     discord_api.bucket_limit, discord_api.bucket_window = 2, 2.0
     channel = str(800000000000000000 + uuid.uuid4().int % 10**15)
-    jobs = [submit(api, "message", {"channel": "discord", "to": channel, "text": unique(f"tick {n}")}) for n in range(8)]
+    payloads = [{"channel": "discord", "to": channel, "text": unique(f"tick {n}")} for n in range(8)]
+    jobs = [submit(api, "message", payload) for payload in payloads]
     finished = [wait_final(job["id"], timeout=60) for job in jobs]
 
     assert [job.status for job in finished] == ["succeeded"] * 8
@@ -275,11 +276,13 @@ def test_discords_429_scopes_are_told_apart(api, worker, discord_api: FakeDiscor
     discord_api.fail_next(
         429,
         {"message": "You are being rate limited.", "retry_after": 1.5, "global": scope == "global"},
-        headers={"X-RateLimit-Scope": scope, "Retry-After": "2"} | ({"X-RateLimit-Global": "true"} if holds_everyone else {}),
+        headers={"X-RateLimit-Scope": scope, "Retry-After": "2"}
+        | ({"X-RateLimit-Global": "true"} if holds_everyone else {}),
     )
     first = submit(api, "message", {"channel": "discord", "to": CHANNEL, "text": unique("first")})
     (limited_at,) = [at for _, _, at in wait_for(lambda: discord_api.rate_limited, what="the 429")]
-    other = wait_final(submit(api, "message", {"channel": "discord", "to": "876543210987654321", "text": unique("other")})["id"])
+    elsewhere = {"channel": "discord", "to": "876543210987654321", "text": unique("other")}
+    other = wait_final(submit(api, "message", elsewhere)["id"])
     assert wait_final(first["id"]).status == other.status == "succeeded"
 
     (sent,) = [m.at for m in discord_api.messages if m.channel_id == "876543210987654321"]
