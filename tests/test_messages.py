@@ -6,7 +6,7 @@ import uuid
 import pytest
 
 from apps.jobs.models import Job, JobEvent
-from apps.messaging.models import Delivery, DiscordWebhook
+from apps.messaging.models import Delivery, DiscordWebhook, OptOut
 from tests.conftest import SmtpSink, wait_final, wait_for
 from tests.factories import submit
 from tests.fake_discord import FakeDiscord
@@ -290,3 +290,17 @@ def test_discords_429_scopes_are_told_apart(api, worker, discord_api: FakeDiscor
         assert sent - limited_at >= 1.4
     else:
         assert sent - limited_at < 1.4
+
+
+def test_a_number_that_opted_out_at_twilio_is_recorded_and_not_tried_again(api, worker, twilio: FakeTwilio):
+    twilio.fail_next(400, 21610, "Attempt to send to unsubscribed recipient")
+    job = send(api, channel="sms", to="+15551230007", text=unique("hello"))
+
+    assert job.status == "failed"
+    assert job.attempts == 1
+    assert "21610" in job.error["message"]
+    assert OptOut.objects.filter(our_address="+15550000001", their_address="+15551230007").exists()
+    again = send(api, channel="sms", to="+15551230007", text=unique("hello again"))
+    assert again.status == "failed"
+    assert "opted out" in again.error["message"]
+    assert len(twilio.requests) == 1  # the second was refused before Twilio was called

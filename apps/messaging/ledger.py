@@ -90,7 +90,12 @@ def deliveries(job_id: UUID) -> list[dict[str, Any]]:
 
 
 def opted_out(our_address: str, their_address: str) -> bool:
-    return OptOut.objects.filter(our_address=our_address, their_address=their_address).exists()
+    """Whether `their_address` opted out of SMS from `our_address`. Sent through a messaging service
+    (an "MG..." sid, whose numbers share their opt-outs at Twilio), from any number of ours."""
+    found = OptOut.objects.filter(their_address=their_address)
+    if not our_address.startswith("MG"):
+        found = found.filter(our_address=our_address)
+    return found.exists()
 
 
 def record_opt_out(our_address: str, their_address: str, keyword: str) -> None:

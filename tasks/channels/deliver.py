@@ -36,7 +36,11 @@ def deliver(ctx: Context) -> dict[str, Any]:
             continue
         interrupts.check()
         _wait_for_limits(channel, to)
-        sent = send(text)
+        try:
+            sent = send(text)
+        except sms.OptedOutAtTwilio:
+            ledger.record_opt_out(sms.sender(), to, "twilio:21610")  # opted out at Twilio: ours too
+            raise
         ledger.record(ctx.job.id, number, channel=channel, to=to, provider_id=sent.provider_id, status=sent.status,
                       segments=sent.segments if sent.segments is not None else meta.get("segments"))  # fmt: skip
         ctx.report(100 * (number + 1) / len(parts), f"part {number + 1} of {len(parts)} sent")
