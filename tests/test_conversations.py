@@ -305,3 +305,55 @@ def test_a_failed_step_keeps_the_message_and_replaying_the_job_continues(worker,
         lambda: Message.objects.get(pk=inbound.pk).status == "answered", 30
     )
     assert [m.to for m in twilio.messages] == ["+15557770009"]
+
+
+# --- what strangers send ------------------------------------------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_empty_sms_is_kept_unanswered_and_the_conversation_goes_on(worker, llm: FakeLLM, twilio) -> None:
+    sender = "+15557770010"
+    empty = inbound_sms(sender, "")  # a picture alone (NumMedia 1) has no Body
+    assert twilio_post(SMS_URL, empty).status_code == 200
+    stored = Message.objects.get(external_id=empty["MessageSid"])
+    assert stored.status == "handled"
+    assert stored.error == "no text to answer"
+    assert stored.ai_job_id is None
+
+    params = inbound_sms(sender, "hello\x00 there")
+    assert twilio_post(SMS_URL, params).status_code == 200
+    answered_message = answered(Message.objects.get(external_id=params["MessageSid"]).pk)
+    assert answered_message.status == "answered", answered_message.error
+    assert answered_message.text == "hello\ufffd there"  # a NUL cannot be stored: replaced
+    assert [m.to for m in twilio.messages] == [sender]
+
+
+def post_email(raw: bytes, **headers: str) -> object:
+    return Client().post("/webhooks/email/", raw, content_type="message/rfc822", **(headers or signed_email(raw)))
+
+
+@pytest.mark.django_db
+def test_hostile_emails_get_a_4xx_never_a_500(settings) -> None:
+    settings.EMAIL_INBOUND_MAX_BYTES = 10_000
+    assert post_email(b"x" * 10_001).status_code == 413
+    ok = b"From: a@example.test\r\nTo: us@example.test\r\n\r\nhi\r\n"
+    assert post_email(ok, HTTP_X_CONVEYOR_SIGNATURE="sha256=é" + "0" * 63).status_code == 403
+    assert post_email(b"\x00\xff garbage without headers").status_code == 400  # no sender
+    nul = b"From: a@example.test\r\nTo: us@example.test\r\nSubject: a\x00b\r\nMessage-ID: <n@x.test>\r\n\r\nc\x00d\r\n"
+    assert post_email(nul).status_code == 202
+    stored = Message.objects.get(external_id="<n@x.test>")
+    assert (stored.subject, stored.text) == ("a\ufffdb", "c\ufffdd")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_line_break_smuggled_into_in_reply_to_never_reaches_our_reply(worker, llm: FakeLLM, smtp: SmtpSink) -> None:
+    raw = (
+        b"From: eve@example.test\r\nTo: help@example.test\r\nSubject: hi\r\nMessage-ID: <m1@example.test>\r\n"
+        b"In-Reply-To: =?utf-8?q?<x@y>=0D=0ABcc:_victim@evil.test?=\r\n\r\nhello\r\n"
+    )
+    assert post_email(raw).status_code == 202
+    assert answered(Message.objects.get(external_id="<m1@example.test>").pk).status == "answered"
+    (reply,) = smtp.messages()
+    assert [e.rcpt_tos for e in smtp.envelopes] == [["eve@example.test"]]
+    assert "victim" not in reply.as_string()
+    assert reply["In-Reply-To"] == "<m1@example.test>"

@@ -115,15 +115,17 @@ def test_a_webhook_url_is_sent_to_with_the_personas_name(api, worker, discord_ap
 
 
 def test_a_429_with_retry_after_is_honoured_without_burning_an_attempt(api, worker, discord_api: FakeDiscord):
-    # Without a Via header discord.py does not wait itself (it takes it for a ban): the job is put off.
-    discord_api.fail_next(429, {"message": "slow down", "retry_after": 1.0, "global": False},
-                          headers={"Via": "", "Retry-After": "1"})  # fmt: skip
+    # A wait longer than discord.py's max_ratelimit_timeout (30 s) is not slept in the worker: the job
+    # is put off for it (the test settings cap any delay at JOBS_RETRY_MAX_SECONDS, 1 s).
+    discord_api.fail_next(429, {"message": "slow down", "retry_after": 31.0, "global": False},
+                          headers={"Retry-After": "31", "X-RateLimit-Scope": "user"})  # fmt: skip
     job = send(api, channel="discord", to=CHANNEL, text=unique("patience"))
 
     assert job.status == "succeeded", job.error
     assert job.attempts == 1
     assert job.deferrals == 1
     deferred = JobEvent.objects.get(job=job, type="deferred")
+    assert "retry after 31.0s" in deferred.message
     assert deferred.data["delay_s"] == pytest.approx(1.0, abs=0.01)
     assert "not counted as an attempt" in deferred.message
 
@@ -304,3 +306,41 @@ def test_a_number_that_opted_out_at_twilio_is_recorded_and_not_tried_again(api, 
     assert again.status == "failed"
     assert "opted out" in again.error["message"]
     assert len(twilio.requests) == 1  # the second was refused before Twilio was called
+
+
+def test_a_send_that_another_job_holds_waits_for_it_and_goes_out_if_that_job_gave_up(api, worker, twilio):
+    from apps.messaging import ledger
+
+    body = unique("Once")
+    twilio.fail_body(body, 400, 21212, "The 'From' number is not a valid phone number")  # the first fails for good
+    first = wait_final(submit(api, "message", {"channel": "sms", "to": "+15551230008", "text": body})["id"])
+    assert first.status == "failed"
+    second = wait_final(submit(api, "message", {"channel": "sms", "to": "+15551230008", "text": body})["id"])
+
+    assert second.status == "succeeded", second.error
+    assert "duplicate_of" not in second.result  # the first delivered nothing: the second sent it
+    assert [m.body for m in twilio.messages] == [body]
+    assert ledger.claim(first.pk, ledger.dedupe_key(first.owner_id, first.payload)) == (second.pk, True)
+
+
+def test_a_status_that_comes_before_its_part_is_recorded_is_applied_when_it_is(api, user) -> None:
+    from apps.messaging import deliveries, ledger
+    from tests.factories import make_job
+
+    job = make_job(user, "running", kind="message", payload={"channel": "sms", "to": "+15551230009", "text": "x"})
+    assert deliveries.report("SMearly", "sent") is False  # Twilio called back before the worker wrote the part
+    ledger.record(job.pk, 0, channel="sms", to="+15551230009", provider_id="SMearly", status="queued", segments=1)
+    assert Delivery.objects.get(provider_id="SMearly").status == "sent"
+
+
+def test_a_persona_where_no_webhook_can_be_made_speaks_as_the_bot(api, worker, discord_api: FakeDiscord):
+    # A DM (50003), a thread (50024) or a channel where the bot may not manage webhooks (50013).
+    channel = str(600000000000000000 + uuid.uuid4().int % 10**15)
+    discord_api.fail_next(403, {"code": 50013, "message": "Missing Permissions"})
+    job = send(api, channel="discord", to=channel, text=unique("hi"), persona="assistant")
+
+    assert job.status == "succeeded", job.error
+    (posted,) = [m for m in discord_api.messages if m.channel_id == channel]
+    assert posted.webhook_id is None
+    assert posted.authorization == "Bot bot-token"
+    assert not DiscordWebhook.objects.filter(channel_id=channel).exists()

@@ -82,3 +82,13 @@ def test_acquire_gives_up_beyond_its_longest_wait_without_taking_a_slot() -> Non
     assert acquire([limit], max_wait=1, sleep=slept.append) == pytest.approx(2, abs=0.05)
     assert slept == []  # it did not wait for a slot it could not have in time
     assert try_acquire([limit]) == pytest.approx(2, abs=0.05)  # and took none
+
+
+def test_waiting_requests_take_their_slots_in_turn_instead_of_racing() -> None:
+    limit = Limit(f"test:turns:{uuid.uuid4()}", per_second=10)
+    slept: list[float] = []
+
+    assert [acquire([limit], max_wait=0.25, sleep=slept.append) for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert slept == [pytest.approx(0.1, abs=0.02), pytest.approx(0.2, abs=0.02)]  # each its own slot
+    assert acquire([limit], max_wait=0.25, sleep=slept.append) == pytest.approx(0.3, abs=0.02)  # refused
+    assert len(slept) == 2

@@ -276,6 +276,8 @@ class Kind:
     # (owner id, validated payload) -> the request's identity, for kinds where an identical request
     # gets the job already under way (or just finished) instead of a new one; None: no deduplication.
     dedupe_key: Callable[[int, dict], str | None] | None = None
+    # Whether `apps.jobs.signals.job_finished` is sent when a job of this kind ends.
+    signals_finish: bool = False
 
 
 KINDS: dict[str, Kind] = {
@@ -301,7 +303,14 @@ KINDS: dict[str, Kind] = {
         # are for what is passing: a git host that did not answer, a lost worker.
         # A 429 or a full rate limit puts the job off without using an attempt (see RateLimited); the
         # attempts are for what fails: a provider's 5xx, no answer.
-        Kind("message", queue="messages", payload_serializer=MessagePayload, max_attempts=5, timeout_seconds=120),
+        Kind(
+            "message",
+            queue="messages",
+            payload_serializer=MessagePayload,
+            max_attempts=5,
+            timeout_seconds=120,
+            signals_finish=True,  # the delivery statuses that came while it ran (apps.messaging.deliveries)
+        ),
         *(
             Kind(name, queue="builds", payload_serializer=ToolPayload, max_attempts=2, timeout_seconds=600)
             for name in ("build", "test", "lint")

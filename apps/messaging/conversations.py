@@ -19,9 +19,10 @@ from django.db import IntegrityError, transaction
 
 from apps.jobs import ai_requests
 from apps.jobs.kinds import MESSAGE_TEXT_MAX, AIGeneratePayload
+from apps.jobs.lifecycle import storable
 from apps.jobs.models import Job
 from apps.jobs.services import submit_job
-from apps.messaging import ledger
+from apps.messaging import deliveries, ledger
 from apps.messaging.models import Channel, Conversation, Message, OptOut
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ OPT_OUT = {"STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT", "REVOKE", 
 OPT_IN = {"START", "UNSTOP"}
 HELP = {"HELP", "INFO"}
 CHARS_PER_TOKEN = 4
+MAX_CONTENT = 100_000  # characters of one turn (merged turns stay within AIGeneratePayload's 200,000)
 
 
 def inbox_owner() -> Any:
@@ -56,7 +58,9 @@ def receive(
     conversation: Conversation | None = None,
 ) -> Message | None:
     """Store an inbound message and start (or queue) its answer. None when this external id was stored
-    already (a provider retrying its webhook): nothing happens twice."""
+    already (a provider retrying its webhook): nothing happens twice. The text is a stranger's: NULs
+    and lone surrogates are cleaned, and an empty one is kept but not answered."""
+    text, subject, references, external_id = (storable(v) for v in (text, subject, references, external_id))
     with transaction.atomic():
         if conversation is None:
             conversation, _ = Conversation.objects.get_or_create(
@@ -81,6 +85,10 @@ def receive(
         conversation.save(update_fields=["updated_at"])
         if channel == Channel.SMS and _keyword(message):
             return message
+        if not text.strip():  # a picture alone, an empty email: nothing for the model to answer
+            message.status, message.error = Message.Status.HANDLED, "no text to answer"
+            message.save(update_fields=["status", "error"])
+            return message
         advance(conversation.pk)
     return message
 
@@ -104,18 +112,24 @@ def _keyword(message: Message) -> bool:
 
 
 def advance(conversation_id: UUID) -> None:
-    """Start answering the oldest waiting message of the conversation, unless one is being answered."""
+    """Start answering the oldest waiting message of the conversation, unless one is being answered.
+    A message whose step cannot even start is marked failed, and the next one is taken."""
     with transaction.atomic():
         conversation = Conversation.objects.select_for_update().get(pk=conversation_id)
         inbound = conversation.messages.filter(direction=Message.Direction.IN)
         if inbound.filter(status=Message.Status.ANSWERING).exists():
             return
-        message = inbound.filter(status=Message.Status.RECEIVED).order_by("created_at").first()
-        if message is None:
-            return
-        job, _ = submit_job(conversation.owner, _ai_spec(conversation, message))
-        message.ai_job, message.status = job, Message.Status.ANSWERING
-        message.save(update_fields=["ai_job", "status"])
+        for message in inbound.filter(status=Message.Status.RECEIVED).order_by("created_at")[:100]:
+            try:
+                with transaction.atomic():
+                    job, _ = submit_job(conversation.owner, _ai_spec(conversation, message))
+                    message.ai_job, message.status = job, Message.Status.ANSWERING
+                    message.save(update_fields=["ai_job", "status"])
+                return
+            except Exception as exc:
+                log.exception("conversation %s: message %s could not be answered", conversation.pk, message.pk)
+                message.status, message.error = Message.Status.FAILED, f"its answer could not be started: {exc}"[:2000]
+                message.save(update_fields=["status", "error"])
 
 
 def history(conversation: Conversation, upto: Message) -> list[dict[str, str]]:
@@ -145,11 +159,13 @@ def history(conversation: Conversation, upto: Message) -> list[dict[str, str]]:
         turns.append({"role": role, "content": message.text})
     turns.reverse()
     turns.append({"role": "user", "content": upto.text[: max(1, budget)]})
+    for turn in turns:  # each within what a chat message may hold (the budget may be set higher)
+        turn["content"] = turn["content"][:MAX_CONTENT]
     # chat APIs want the turns to alternate, starting with the user's: merge neighbours of one role
     merged: list[dict[str, str]] = []
     for turn in turns:
         if merged and merged[-1]["role"] == turn["role"]:
-            merged[-1]["content"] += "\n\n" + turn["content"]
+            merged[-1]["content"] = (merged[-1]["content"] + "\n\n" + turn["content"])[-2 * MAX_CONTENT :]
         elif merged or turn["role"] == "user":
             merged.append(dict(turn))
     return merged
@@ -174,7 +190,9 @@ def _reply_spec(conversation: Conversation, inbound: Message, text: str, parent:
         "conversation": str(conversation.pk),
         "inbound": str(inbound.pk),
     }
-    if channel == Channel.EMAIL:
+    if channel == Channel.SMS:
+        payload["from"] = conversation.our_address  # the number they wrote to (Twilio signed it)
+    elif channel == Channel.EMAIL:
         subject = inbound.subject or "your message"
         payload["subject"] = subject if subject.lower().startswith("re:") else f"Re: {subject}"
         if inbound.external_id:
@@ -195,18 +213,28 @@ def _name_problem(name: str) -> str:
 
 def on_job_finished(sender: Any, job: Job, **kwargs: Any) -> None:
     """The next step of a conversation, in the transaction that ended `job`. A failure here is logged
-    and leaves the message failed; it never undoes the job's own ending."""
+    and leaves that message failed; it never undoes the job's own ending, nor stops the conversation."""
+    if job.kind == "message" and job.status == Job.Status.SUCCEEDED:
+        deliveries.sync_result(job)
     inbound_id = job.payload.get("inbound")
     if not inbound_id:
         return
     try:
         with transaction.atomic():
             _next_step(job, inbound_id)
+        return
     except Exception:
         log.exception("conversation step after job %s failed", job.pk)
-        Message.objects.filter(pk=inbound_id).update(
-            status=Message.Status.FAILED, error="the next step could not be started (see the server log)"
-        )
+    Message.objects.filter(pk=inbound_id).update(
+        status=Message.Status.FAILED, error=f"the step after job {job.pk} could not be started (see the server log)"
+    )
+    conversation_id = Message.objects.filter(pk=inbound_id).values_list("conversation_id", flat=True).first()
+    if conversation_id:
+        try:
+            with transaction.atomic():
+                advance(conversation_id)
+        except Exception:
+            log.exception("conversation %s could not move on", conversation_id)
 
 
 def _next_step(job: Job, inbound_id: str) -> None:

@@ -7,7 +7,7 @@ from django.utils import timezone
 
 from apps.jobs.models import Job, JobEvent
 from apps.jobs.statuses import Event
-from apps.messaging.models import Delivery
+from apps.messaging.models import Delivery, EarlyStatus
 
 
 def report(provider_id: str, status: str, error_code: str = "") -> bool:
@@ -20,6 +20,8 @@ def report(provider_id: str, status: str, error_code: str = "") -> bool:
             status=status, rank=rank, error_code=error_code[:32], updated_at=timezone.now()
         )
         if not moved:
+            if not Delivery.objects.filter(provider_id=provider_id).exists():
+                _keep_early(provider_id, status, rank, error_code)
             return False
         delivery = Delivery.objects.get(provider_id=provider_id)
         job = Job.objects.select_for_update().filter(pk=delivery.job_id).first()
@@ -50,3 +52,42 @@ def report(provider_id: str, status: str, error_code: str = "") -> bool:
                 job.result["undelivered"] = sorted({*job.result.get("undelivered", []), delivery.part})
             Job.objects.filter(pk=job.pk).update(result=job.result)
     return True
+
+
+def _keep_early(provider_id: str, status: str, rank: int, error_code: str) -> None:
+    """A status for a part not recorded yet: kept (the highest) until the part is."""
+    early, created = EarlyStatus.objects.select_for_update().get_or_create(
+        provider_id=provider_id, defaults={"status": status, "rank": rank, "error_code": error_code[:32]}
+    )
+    if not created and rank > early.rank:
+        early.status, early.rank, early.error_code = status, rank, error_code[:32]
+        early.save(update_fields=["status", "rank", "error_code"])
+
+
+def apply_early(provider_id: str) -> None:
+    """Once a part is recorded: the status that came before it, if any."""
+    early = EarlyStatus.objects.filter(provider_id=provider_id).first()
+    if early is not None:
+        report(provider_id, early.status, early.error_code)
+        EarlyStatus.objects.filter(provider_id=provider_id).delete()
+
+
+def sync_result(job: Job) -> None:
+    """A message job that just succeeded: its result takes each part's latest status, in case a
+    callback came while the handler was writing the result (called inside the success's transaction)."""
+    result = job.result
+    if not isinstance(result, dict) or not isinstance(result.get("delivered"), list) or result.get("duplicate_of"):
+        return
+    latest = {d.part: d for d in Delivery.objects.filter(job_id=job.pk)}
+    changed = False
+    for item in result["delivered"]:
+        d = latest.get(item.get("part")) if isinstance(item, dict) else None
+        if d is not None and item.get("status") != d.status:
+            item["status"], changed = d.status, True
+            if d.error_code:
+                item["error_code"] = d.error_code
+    undelivered = sorted(p for p, d in latest.items() if d.status in ("undelivered", "failed"))
+    if undelivered and result.get("undelivered") != undelivered:
+        result["undelivered"], changed = undelivered, True
+    if changed:
+        Job.objects.filter(pk=job.pk).update(result=result)

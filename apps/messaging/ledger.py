@@ -12,6 +12,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from apps.jobs.models import Job
+from apps.messaging.deliveries import apply_early
 from apps.messaging.models import Delivery, DiscordWebhook, OptOut, SendClaim
 
 GIVEN_UP = (Job.Status.FAILED, Job.Status.CANCELLED, Job.Status.TIMED_OUT)
@@ -25,9 +26,10 @@ def dedupe_key(owner_id: int, payload: dict[str, Any]) -> str:
     return hashlib.sha256("\x1f".join(fields).encode()).hexdigest()
 
 
-def claim(job_id: UUID, key: str) -> UUID | None:
-    """Claim the send for this job; None if it is ours, else the id of the job that holds it (one that
-    has not given up without delivering anything)."""
+def claim(job_id: UUID, key: str) -> tuple[UUID | None, bool]:
+    """Claim the send for this job. Returns (None, False) when it is ours to send; else the job that
+    holds it, and whether that job delivered it (it succeeded) or is still on its way. A holder that
+    gave up (failed, cancelled, timed out) leaves the send to the next job that asks."""
     now = timezone.now()
     expires = now + timedelta(seconds=settings.MESSAGE_DEDUPE_SECONDS)
     for _ in range(2):  # a claim inserted by another job between our look and our insert: look again
@@ -36,23 +38,18 @@ def claim(job_id: UUID, key: str) -> UUID | None:
                 held = SendClaim.objects.select_for_update().filter(key=key).first()
                 if held is None:
                     SendClaim.objects.create(key=key, job_id=job_id, expires_at=expires)
-                    return None
+                    return None, False
                 if held.job_id == job_id:
-                    return None
-                if held.expires_at <= now or _gave_up(held.job_id):
+                    return None, False
+                status = Job.objects.filter(pk=held.job_id).values_list("status", flat=True).first()
+                if held.expires_at <= now or status is None or status in GIVEN_UP:
                     held.job_id, held.expires_at = job_id, expires
                     held.save(update_fields=["job", "expires_at"])
-                    return None
-                return held.job_id
+                    return None, False
+                return held.job_id, status == Job.Status.SUCCEEDED
         except IntegrityError:
             continue
     raise IntegrityError("the send claim kept changing hands")
-
-
-def _gave_up(job_id: UUID) -> bool:
-    """The holder ended without delivering a part: its claim is free."""
-    ended = Job.objects.filter(pk=job_id, status__in=GIVEN_UP).exists()
-    return ended and not Delivery.objects.filter(job_id=job_id).exists()
 
 
 def delivered(job_id: UUID) -> dict[int, Delivery]:
@@ -74,6 +71,8 @@ def record(job_id: UUID, part: int, *, channel: str, to: str, provider_id: str, 
             "segments": segments,
         },
     )
+    if provider_id:
+        apply_early(provider_id)  # a status callback that came before this record
 
 
 def deliveries(job_id: UUID) -> list[dict[str, Any]]:

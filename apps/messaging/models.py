@@ -113,6 +113,20 @@ class Delivery(models.Model):
         return f"{self.channel} part {self.part} to {self.to}: {self.status}"
 
 
+class EarlyStatus(models.Model):
+    """A status callback that came before its part was recorded (Twilio answers the send, then calls
+    back, while the worker is still writing the part down): applied when the part is recorded."""
+
+    provider_id = models.CharField(max_length=255, primary_key=True)
+    status = models.CharField(max_length=16)
+    rank = models.PositiveSmallIntegerField(default=0)
+    error_code = models.CharField(max_length=32, blank=True)
+    received_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return f"{self.provider_id}: {self.status}"
+
+
 class SendClaim(models.Model):
     """The same text to the same destination, claimed by the first job that sends it, until
     `expires_at` (MESSAGE_DEDUPE_SECONDS): another job finds the claim and delivers nothing."""

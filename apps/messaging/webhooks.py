@@ -7,6 +7,7 @@ import email.policy
 import hashlib
 import hmac
 import logging
+import re
 from email.message import EmailMessage
 from email.utils import getaddresses, parseaddr
 
@@ -79,37 +80,51 @@ def inbound_email(request: HttpRequest) -> HttpResponse:
     sha256=<hex HMAC-SHA256 of the body under EMAIL_WEBHOOK_SECRET>`."""
     if not settings.EMAIL_WEBHOOK_SECRET:
         return HttpResponseForbidden("inbound email is off: EMAIL_WEBHOOK_SECRET is not set")
-    length = int(request.headers.get("Content-Length") or 0)
-    if length > settings.EMAIL_INBOUND_MAX_BYTES:
-        return JsonResponse({"detail": f"at most {settings.EMAIL_INBOUND_MAX_BYTES} bytes"}, status=413)
-    body = request.body
-    expected = "sha256=" + hmac.new(settings.EMAIL_WEBHOOK_SECRET.encode(), body, hashlib.sha256).hexdigest()
-    if not hmac.compare_digest(request.headers.get(SIGNATURE_HEADER, ""), expected):
+    limit = settings.EMAIL_INBOUND_MAX_BYTES
+    body = request.read(limit + 1)  # not request.body: DATA_UPLOAD_MAX_MEMORY_SIZE is not this limit
+    if len(body) > limit:
+        return JsonResponse({"detail": f"at most {limit} bytes"}, status=413)
+    expected = b"sha256=" + hmac.new(settings.EMAIL_WEBHOOK_SECRET.encode(), body, hashlib.sha256).hexdigest().encode()
+    given = request.headers.get(SIGNATURE_HEADER, "").encode("utf-8", "replace")
+    if not hmac.compare_digest(given, expected):
         return HttpResponseForbidden(f"invalid or missing {SIGNATURE_HEADER}")
     try:
         parsed = email.message_from_bytes(body, policy=email.policy.default)
         sender = parseaddr(str(parsed.get("From", "")))[1]
         recipients = [address for _, address in getaddresses([str(v) for v in parsed.get_all("To", [])]) if address]
-        message_id = str(parsed.get("Message-ID", "")).strip()
+        message_id = _message_id(parsed.get("Message-ID"))
+        in_reply_to = _message_id(parsed.get("In-Reply-To"))
+        references = " ".join(MESSAGE_ID.findall(str(parsed.get("References", ""))[:20_000])[-50:])
+        subject = " ".join(str(parsed.get("Subject", "")).split())
         text = _text_of(parsed)
     except Exception as exc:  # a malformed message, whatever part of the parser it trips
         return JsonResponse({"detail": f"not a readable MIME message: {type(exc).__name__}"}, status=400)
-    if not sender or "@" not in sender:
+    if not sender or "@" not in sender or any(c in sender for c in "\r\n\0"):
         return JsonResponse({"From": ["A sender address is required."]}, status=400)
     ours = recipients[0] if recipients else parseaddr(settings.DEFAULT_FROM_EMAIL)[1]
-    references = " ".join(str(parsed.get("References", "")).split())
-    in_reply_to = str(parsed.get("In-Reply-To", "")).strip()
+    if in_reply_to and in_reply_to not in references.split():
+        references = f"{references} {in_reply_to}".strip()
     message = conversations.receive(
         Channel.EMAIL,
-        our_address=ours.lower(),
-        their_address=sender.lower(),
+        our_address=ours.lower()[:320],
+        their_address=sender.lower()[:320],
         text=text,
         external_id=message_id or "sha256:" + hashlib.sha256(body).hexdigest(),
-        subject=" ".join(str(parsed.get("Subject", "")).split()),
-        references=" ".join(filter(None, [references, in_reply_to])) if in_reply_to not in references else references,
+        subject=subject,
+        references=references,
         conversation=_thread(in_reply_to, references, sender.lower()),
     )
     return JsonResponse({"stored": message is not None}, status=202 if message else 200)
+
+
+# A message id as RFC 5322 writes it, and nothing else: an id decoded from a stranger's header must
+# never carry a line break (or anything) into the headers of our reply.
+MESSAGE_ID = re.compile(r"<[!-;=?-~]{1,250}@[!-;=?-~]{1,250}>")
+
+
+def _message_id(value: object) -> str:
+    match = MESSAGE_ID.fullmatch(str(value or "").strip())
+    return match.group(0) if match else ""
 
 
 def _thread(in_reply_to: str, references: str, sender: str) -> Conversation | None:

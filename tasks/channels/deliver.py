@@ -19,12 +19,16 @@ def deliver(ctx: Context) -> dict[str, Any]:
     payload = ctx.job.payload
     channel, to = payload["channel"], destination(payload)
     parts = _parts(payload)
-    if channel == "sms" and ledger.opted_out(sms.sender(), to):
+    ours = payload.get("from") or sms.sender()  # SMS: the number it goes out from
+    if channel == "sms" and ledger.opted_out(ours, to):
         raise PermanentError(
-            f"{to} opted out of SMS from {sms.sender()} (it replied STOP); nothing was sent. "
+            f"{to} opted out of SMS from {ours} (it replied STOP); nothing was sent. "
             "It receives messages again once it replies START."
         )
-    holder = ledger.claim(ctx.job.id, ledger.dedupe_key(ctx.job.owner_id, payload))
+    holder, delivered_by_holder = ledger.claim(ctx.job.id, ledger.dedupe_key(ctx.job.owner_id, payload))
+    if holder is not None and not delivered_by_holder:
+        # the same text to the same destination is on its way in another job: wait for its outcome
+        raise RateLimited(f"job {holder} is sending the same text to {to}: waiting for it", retry_after=5.0)
     if holder is not None:
         ctx.log(f"the same text went to {to} within {settings.MESSAGE_DEDUPE_SECONDS}s (job {holder}): not sent again")
         return {"channel": channel, "parts": len(parts), "delivered": ledger.deliveries(holder),
@@ -35,11 +39,11 @@ def deliver(ctx: Context) -> dict[str, Any]:
         if number in done:
             continue
         interrupts.check()
-        _wait_for_limits(channel, to)
+        _wait_for_limits(channel, to, ours)
         try:
             sent = send(text)
         except sms.OptedOutAtTwilio:
-            ledger.record_opt_out(sms.sender(), to, "twilio:21610")  # opted out at Twilio: ours too
+            ledger.record_opt_out(ours, to, "twilio:21610")  # opted out at Twilio: ours too
             raise
         ledger.record(ctx.job.id, number, channel=channel, to=to, provider_id=sent.provider_id, status=sent.status,
                       segments=sent.segments if sent.segments is not None else meta.get("segments"))  # fmt: skip
@@ -73,21 +77,21 @@ def _inline_wait() -> float:
     return min(settings.MESSAGE_MAX_INLINE_WAIT_SECONDS, max(0.0, interrupts.time_left(3600) - 5))
 
 
-def _limits(channel: str, to: str) -> list[ratelimit.Limit]:
+def _limits(channel: str, to: str, sender: str) -> list[ratelimit.Limit]:
     destination = ratelimit.Limit(
         f"{channel}:to:{to.lower()}", settings.MESSAGE_DESTINATION_RATE_PER_SECOND, settings.MESSAGE_DESTINATION_BURST
     )
     if channel == "sms":
         # Twilio queues what a number sends beyond its rate: kept below it, a message never waits there
-        return [ratelimit.Limit(f"sms:from:{sms.sender()}", settings.SMS_RATE_PER_SECOND, 1), destination]
+        return [ratelimit.Limit(f"sms:from:{sender}", settings.SMS_RATE_PER_SECOND, 1), destination]
     if channel == "email":
         rate = settings.EMAIL_RATE_PER_SECOND
         return [ratelimit.Limit(f"email:host:{settings.EMAIL_HOST}", rate, max(1, int(rate))), destination]
     return []  # Discord: its own buckets, learned from its answers (tasks.channels.discord_api)
 
 
-def _wait_for_limits(channel: str, to: str) -> None:
-    wait = ratelimit.acquire(_limits(channel, to), max_wait=_inline_wait(), sleep=interrupts.sleep)
+def _wait_for_limits(channel: str, to: str, sender: str) -> None:
+    wait = ratelimit.acquire(_limits(channel, to, sender), max_wait=_inline_wait(), sleep=interrupts.sleep)
     if wait:
         raise RateLimited(f"the {channel} rate limit is reached: next slot in {wait:.1f}s", retry_after=wait)
 
@@ -95,7 +99,7 @@ def _wait_for_limits(channel: str, to: str) -> None:
 def _sender(ctx: Context, payload: dict[str, Any]) -> Any:
     channel, to = payload["channel"], destination(payload)
     if channel == "sms":
-        return lambda text: sms.send(to, text)
+        return lambda text: sms.send(to, text, payload.get("from") or "")
     if channel == "email":
         msgid = mail.message_id(str(ctx.job.id))
         return lambda text: mail.send(
@@ -125,7 +129,10 @@ def _as_persona(channel_id: str, text: str, persona: ai_requests.Persona) -> Sen
     for _ in range(2):
         hook = ledger.discord_webhook(channel_id)
         if hook is None:
-            hook = discord_api.find_or_create_webhook(channel_id)
+            try:
+                hook = discord_api.find_or_create_webhook(channel_id)
+            except discord_api.NoWebhooksHere:  # a DM or a thread, or no Manage Webhooks: as the bot
+                return discord_api.send_to_channel(channel_id, text)
             ledger.keep_discord_webhook(channel_id, *hook)
         try:
             return discord_api.send_to_webhook(*hook, text, **_as(persona))

@@ -32,6 +32,7 @@ T = TypeVar("T")
 GLOBAL = "discord:global"
 WEBHOOK_NAME = "Conveyor"  # the webhook the bot makes in a channel; personas speak through it by name
 UNKNOWN_WEBHOOK = 10015
+NO_WEBHOOKS = (50003, 50013, 50024)
 _ROUTE = re.compile(r"/(channels|webhooks)/(\d+)")
 _NO_MENTIONS = discord.AllowedMentions.none()
 
@@ -122,20 +123,15 @@ def _loop() -> _Loop:
 
 
 def _wait_for_buckets(bucket: str) -> None:
-    """Take a place in the shared buckets (Discord's global limit per bot, then the route's), waiting
-    in the attempt while the wait is short, else putting the job off."""
-    limits = [
-        ratelimit.Limit(GLOBAL, settings.DISCORD_RATE_PER_SECOND, burst=max(1, int(settings.DISCORD_RATE_PER_SECOND)))
-    ]
-    while True:
-        wait = ratelimit.acquire(limits, max_wait=_inline_wait(), sleep=interrupts.sleep)
-        if not wait:
-            wait = ratelimit.reserve(bucket, GLOBAL)
-            if not wait:
-                return
+    """Take a place in the shared buckets: the route's (learned from Discord's answers), then Discord's
+    global limit per bot; waiting in the attempt while the wait is short, else putting the job off."""
+    limits = [ratelimit.Limit(GLOBAL, settings.DISCORD_RATE_PER_SECOND, max(1, int(settings.DISCORD_RATE_PER_SECOND)))]
+    while wait := ratelimit.reserve(bucket, GLOBAL):
         if wait > _inline_wait():
             raise RateLimited(f"Discord's rate limit for this route: next slot in {wait:.1f}s", retry_after=wait)
         interrupts.sleep(wait)
+    if wait := ratelimit.acquire(limits, max_wait=_inline_wait(), sleep=interrupts.sleep):
+        raise RateLimited(f"Discord's global rate limit: next slot in {wait:.1f}s", retry_after=wait)
 
 
 def _inline_wait() -> float:
@@ -220,8 +216,18 @@ def find_or_create_webhook(channel_id: str) -> tuple[str, str]:
                 return hook
         return await client.http.create_webhook(channel_id, name=WEBHOOK_NAME)
 
-    hook = _call(route_bucket("channels", channel_id), find_or_create)
+    try:
+        hook = _call(route_bucket("channels", channel_id), find_or_create)
+    except PermanentError as exc:
+        if any(f"(code {code})" in str(exc) for code in NO_WEBHOOKS):
+            raise NoWebhooksHere(str(exc)) from None
+        raise
     return str(hook["id"]), str(hook["token"])
+
+
+class NoWebhooksHere(PermanentError):
+    """The channel takes no webhooks of ours: a DM (50003), a thread (50024), or the bot lacks Manage
+    Webhooks there (50013)."""
 
 
 WEBHOOK_URL = re.compile(r"discord(?:app)?\.com/api/webhooks/(?P<id>[0-9]{17,20})/(?P<token>[A-Za-z0-9\.\-\_]{60,})")

@@ -17,29 +17,36 @@ from project.processes import per_process
 
 PREFIX = "conveyor:rate:"
 
-# KEYS: one per limit. ARGV: for each, the seconds between requests and the burst allowed.
-# Returns the seconds to wait before trying again (as a string: Lua numbers lose their fraction), or
-# "0" when admitted.
+# KEYS: one per limit. ARGV: for each, the seconds between requests and the burst allowed; then the
+# longest wait the caller accepts. A request that can have a slot within that wait takes it (the slot
+# is its own: it sleeps until then and goes, no race with the others waiting); else nothing is taken.
+# Returns "R<seconds>" for a slot taken that many seconds from now, or "W<seconds>" for the wait that
+# was refused (as strings: Lua numbers lose their fraction).
 _GCRA = """
 local now_parts = redis.call('TIME')
 local now = tonumber(now_parts[1]) + tonumber(now_parts[2]) / 1000000
+local max_wait = tonumber(ARGV[2 * #KEYS + 1])
 local wait = 0
-local next_times = {}
+local tats = {}
 for i, key in ipairs(KEYS) do
   local interval = tonumber(ARGV[2 * i - 1])
   local burst = tonumber(ARGV[2 * i])
   local tat = tonumber(redis.call('GET', key) or '0')
   if tat < now then tat = now end
+  tats[i] = tat
   local early = tat - now - interval * (burst - 1)
   if early > wait then wait = early end
-  next_times[i] = tat + interval
 end
-if wait > 0 then return tostring(wait) end
+if wait > max_wait then return 'W' .. tostring(wait) end
+local at = now + wait
 for i, key in ipairs(KEYS) do
-  local ttl = math.ceil((next_times[i] - now) * 1000) + 1000
-  redis.call('SET', key, tostring(next_times[i]), 'PX', ttl)
+  local interval = tonumber(ARGV[2 * i - 1])
+  local tat = tats[i]
+  if tat < at then tat = at end
+  local next_time = tat + interval
+  redis.call('SET', key, tostring(next_time), 'PX', math.ceil((next_time - now) * 1000) + 1000)
 end
-return '0'
+return 'R' .. tostring(wait)
 """
 
 
@@ -60,30 +67,37 @@ def _script() -> object:
     return redis.Redis.from_url(settings.REDIS_URL, socket_timeout=5).register_script(_GCRA)
 
 
+def _take(limits: Sequence[Limit], max_wait: float) -> tuple[bool, float]:
+    keys = [PREFIX + limit.scope for limit in limits]
+    args: list[float] = []
+    for limit in limits:
+        args += [1 / limit.per_second, max(1, limit.burst)]
+    answer = _script()(keys=keys, args=[*args, max(0.0, max_wait)])
+    answer = answer.decode() if isinstance(answer, bytes) else str(answer)
+    return answer[0] == "R", float(answer[1:])
+
+
 def try_acquire(limits: Sequence[Limit]) -> float:
     """Take one request from every limit if all allow it now; else take nothing and return how many
     seconds to wait before the next try."""
     if not limits:
         return 0.0
-    keys = [PREFIX + limit.scope for limit in limits]
-    args: list[float] = []
-    for limit in limits:
-        args += [1 / limit.per_second, max(1, limit.burst)]
-    return float(_script()(keys=keys, args=args))
+    taken, wait = _take(limits, 0.0)
+    return 0.0 if taken else wait
 
 
 def acquire(limits: Sequence[Limit], *, max_wait: float, sleep=time.sleep) -> float:
-    """Wait for a slot on every limit, at most `max_wait` seconds in all. Returns 0 once admitted, or
-    the wait still needed when it would pass `max_wait` (the caller hands the job back to try later,
-    rather than hold a worker)."""
-    deadline = time.monotonic() + max_wait
-    while True:
-        wait = try_acquire(limits)
-        if wait <= 0:
-            return 0.0
-        if time.monotonic() + wait > deadline:
-            return wait
+    """Take a slot on every limit within `max_wait` seconds, and sleep until it. Returns 0 once
+    admitted; else takes nothing and returns the wait needed (the caller puts the job off rather
+    than hold a worker). Slots are taken in order of asking: a request waits its turn, never races."""
+    if not limits:
+        return 0.0
+    taken, wait = _take(limits, max_wait)
+    if not taken:
+        return wait
+    if wait > 0:
         sleep(wait)
+    return 0.0
 
 
 # --- buckets learned from a provider's answers (Discord's X-RateLimit-* headers) -------------------

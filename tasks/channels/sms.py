@@ -75,14 +75,16 @@ class OptedOutAtTwilio(PermanentError):
     """Twilio refused the number because it opted out there (21610): we record it too."""
 
 
-def send(to: str, body: str) -> Sent:
+def send(to: str, body: str, sender: str = "") -> Sent:
+    """One SMS from `sender` (a number of ours, or a messaging service "MG..."; ours by default)."""
     check_configured()
     client = _client()
+    sender = sender or settings.TWILIO_FROM_NUMBER or settings.TWILIO_MESSAGING_SERVICE_SID
     options: dict[str, Any] = {"to": to, "body": body}
-    if settings.TWILIO_FROM_NUMBER:
-        options["from_"] = settings.TWILIO_FROM_NUMBER
+    if sender.startswith("MG"):
+        options["messaging_service_sid"] = sender
     else:
-        options["messaging_service_sid"] = settings.TWILIO_MESSAGING_SERVICE_SID
+        options["from_"] = sender
     if settings.PUBLIC_BASE_URL:
         options["status_callback"] = settings.PUBLIC_BASE_URL + "/webhooks/twilio/status/"
     interrupts.check()
