@@ -3,7 +3,7 @@ from django.contrib import admin
 from django.http import HttpRequest
 
 from apps.credentials import crypto
-from apps.credentials.models import Credential
+from apps.credentials.models import CallbackSecret, Credential
 
 
 class CredentialForm(forms.ModelForm):
@@ -49,3 +49,21 @@ class CredentialAdmin(admin.ModelAdmin):
 
     def get_fields(self, request: HttpRequest, obj: Credential | None = None) -> list[str]:
         return ["owner", "provider", "key", "masked", "created_at", "updated_at"]
+
+
+@admin.register(CallbackSecret)
+class CallbackSecretAdmin(admin.ModelAdmin):
+    """Seen, never shown, and never made here: a secret is made (and shown, once) by its owner through
+    `POST /api/callback-secret/`. Deleting one has the next callback make a new one."""
+
+    list_display = ["owner", "masked", "created_at"]
+    search_fields = ["owner__username"]
+    fields = ["owner", "masked", "created_at"]
+    readonly_fields = fields
+
+    @admin.display(description="secret")
+    def masked(self, row: CallbackSecret) -> str:
+        return f"…{row.last4}"
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False

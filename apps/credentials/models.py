@@ -26,3 +26,20 @@ class Credential(models.Model):
 
     def __str__(self) -> str:
         return f"{self.provider} key …{self.last4}"
+
+
+class CallbackSecret(models.Model):
+    """The key a user's job callbacks are signed with (HMAC-SHA256, see `tasks.callbacks`), one per user.
+
+    The server needs the secret itself to sign, so it is stored encrypted (Fernet, as provider keys),
+    not hashed. The API shows it once, when it is made (`POST /api/callback-secret/`, which replaces the
+    one before); after that only `last4` and when it was made.
+    """
+
+    owner = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="callback_secret")
+    encrypted_secret = models.TextField()
+    last4 = models.CharField(max_length=4)
+    created_at = models.DateTimeField()
+
+    def __str__(self) -> str:
+        return f"callback secret …{self.last4}"

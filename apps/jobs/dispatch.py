@@ -3,11 +3,12 @@
 `apps.jobs` never imports worker code: it sends the task by its stable name.
 """
 
+import ipaddress
 import logging
 import os
 from collections.abc import Sequence
 from functools import lru_cache
-from urllib.parse import urlparse
+from urllib.parse import urlsplit
 from weakref import WeakKeyDictionary
 
 import redis
@@ -185,9 +186,132 @@ def _publish_callback(job: Job) -> None:
         log.exception("could not publish the callback of job %s", job.pk)
 
 
-def callback_host_allowed(url: str) -> bool:
-    """Whether a job may call `url` back: its host is in CALLBACK_ALLOWED_HOSTS. Checked at submission
-    (the serializer) and again at delivery (`tasks.callbacks`)."""
-    allowed = settings.CALLBACK_ALLOWED_HOSTS
-    host = urlparse(url).hostname or ""
-    return "*" in allowed or host.lower() in (h.lower() for h in allowed)
+# Callback addresses -----------------------------------------------------------------------------------
+# A callback URL is the user's, so it may name anything the worker can reach: the cloud's metadata
+# service, a database on the private network, the worker's own loopback. Any public host may be called;
+# a refused address (below) only when its host is named in CALLBACK_ALLOWED_HOSTS. Checked on the URL
+# at submission (`callback_url_problem`, the serializer) and on every address the host resolves to at
+# delivery, the one connected to included (`tasks.callbacks`).
+
+CALLBACK_SCHEMES = ("http", "https")
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+REFUSED_KINDS = ("unspecified", "loopback", "link_local", "multicast", "private", "reserved", "site_local")
+
+
+def callback_host_allowed(host: str) -> bool:
+    """Whether `host` (a URL's host, IPv6 without brackets) is named in CALLBACK_ALLOWED_HOSTS, which
+    lifts the address checks for it. Compared as written, lowercased: `127.1` and `0x7f000001` are not
+    `127.0.0.1`, and there is no wildcard (a "*" would turn the checks off for every host)."""
+    allowed = {name.lower().strip("[]") for name in settings.CALLBACK_ALLOWED_HOSTS}
+    return host.lower() in allowed
+
+
+def address_refused(address: IPAddress) -> str | None:
+    """Why a callback may not connect to `address` ("loopback", "private", ...), or None when it is a
+    public one. An IPv6 address that carries an IPv4 one (mapped, 6to4, Teredo, NAT64) is judged by
+    that too: `::ffff:127.0.0.1` is loopback."""
+    if isinstance(address, ipaddress.IPv6Address):
+        for embedded in _embedded_ipv4(address):
+            if reason := address_refused(embedded):
+                return reason
+    for kind in REFUSED_KINDS:
+        if getattr(address, f"is_{kind}", False):
+            return kind.replace("_", "-")
+    if not address.is_global:  # shared address space (100.64.0.0/10) and the like
+        return "non-global"
+    return None
+
+
+def _embedded_ipv4(address: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    found = [address.ipv4_mapped, address.sixtofour, address.teredo[1] if address.teredo else None]
+    if address in NAT64:
+        found.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
+    return [ip for ip in found if ip is not None]
+
+
+def ascii_host(host: str) -> str | None:
+    """`host` as the resolver gets it: IDNA-encoded, as `socket.getaddrinfo` encodes a name (so
+    fullwidth digits and ideographic full stops become ASCII ones). None if it cannot be encoded."""
+    try:
+        return host.encode("idna").decode("ascii").lower()
+    except UnicodeError:
+        return None
+
+
+def host_address(host: str) -> IPAddress | None:
+    """The address `host` (ASCII, IPv6 without brackets) is written as, in any spelling the C library's
+    resolver accepts, or None for a name: dotted, decimal (`2130706433`), hexadecimal (`0x7f000001`,
+    `0x7f.1`), octal (`0177.0.0.1`), short (`127.1`), a trailing dot, IPv6 (`::ffff:127.0.0.1`)."""
+    if ":" in host:
+        try:
+            return ipaddress.IPv6Address(host.split("%", 1)[0])  # a zone (`%eth0`) changes nothing here
+        except ValueError:
+            return None
+    return _ipv4(host)
+
+
+def _ipv4(host: str) -> ipaddress.IPv4Address | None:
+    """inet_aton's (and the WHATWG URL standard's) reading of a numeric host: one to four parts, each
+    decimal, octal (leading 0) or hexadecimal (0x); the last fills the bytes the others left."""
+    parts = host.split(".")
+    if len(parts) > 1 and parts[-1] == "":
+        parts.pop()
+    if not 1 <= len(parts) <= 4:
+        return None
+    numbers = []
+    for part in parts:
+        if part[:2] in ("0x", "0X"):
+            digits, base, alphabet = part[2:] or "0", 16, "0123456789abcdefABCDEF"
+        elif len(part) > 1 and part.startswith("0"):
+            digits, base, alphabet = part[1:], 8, "01234567"
+        else:
+            digits, base, alphabet = part, 10, "0123456789"
+        if not digits or any(c not in alphabet for c in digits):  # int() would take "+1", " 1", "1_0"
+            return None
+        numbers.append(int(digits, base))
+    *head, last = numbers
+    if any(n > 255 for n in head) or last >= 256 ** (4 - len(head)):
+        return None
+    value = last
+    for position, number in enumerate(head):
+        value += number << (8 * (3 - position))
+    return ipaddress.IPv4Address(value)
+
+
+def callback_url_problem(url: str) -> str | None:
+    """Why a job may not have `url` as its callback URL, or None. Only what the URL itself says is
+    checked here (its scheme, a host written as a refused address, `localhost`); a name is resolved,
+    and every address it stands for checked, at delivery."""
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in CALLBACK_SCHEMES:
+        return "Only http and https callback URLs are allowed."
+    try:
+        host = parts.hostname
+        parts.port  # noqa: B018 (raises on a port out of range)
+    except ValueError:
+        return "Enter a valid URL."
+    if not host:
+        return "Enter a valid URL."
+    if callback_host_allowed(host):
+        return None
+    name = ascii_host(host)
+    if name is None:
+        return "Enter a valid URL."
+    if name.rstrip(".") == "localhost" or name.rstrip(".").endswith(".localhost"):  # loopback (RFC 6761)
+        return f"{host} is a loopback name: {NOT_ALLOWED}"
+    address = host_address(name)
+    return address_problem(host, address) if address is not None else None
+
+
+NOT_ALLOWED = "callbacks to it are not allowed unless the host is listed in CALLBACK_ALLOWED_HOSTS."
+
+
+def address_problem(host: str, address: IPAddress) -> str | None:
+    """Why a callback to `host` may not go to `address` (the host as written, or what it resolved to),
+    or None."""
+    reason = address_refused(address)
+    if reason is None:
+        return None
+    what = f"{'an' if reason[0] in 'aeiou' else 'a'} {reason} address"
+    return f"{host} is {what}: {NOT_ALLOWED}" if host == str(address) else f"{host} is {address}, {what}: {NOT_ALLOWED}"

@@ -41,6 +41,7 @@ class Event(models.TextChoices):
     RETRIED = "retried"  # a user's replay of a finished job
     DEFERRED = "deferred"  # a 429 or a shared rate limit said "not now"; the attempt did not count
     DELIVERY = "delivery"  # a message part's delivery status reported by its provider (after the fact)
+    CALLBACK = "callback"  # an attempt to POST the final job to its callback URL (the status unchanged)
 
 
 class LiveEvent:

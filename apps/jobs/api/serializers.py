@@ -6,7 +6,7 @@ from django.conf import settings
 from django.utils import timezone
 from rest_framework import serializers
 
-from apps.jobs.dispatch import callback_host_allowed as host_allowed
+from apps.jobs.dispatch import callback_url_problem
 from apps.jobs.kinds import KINDS, shown_payload
 from apps.jobs.models import Job, JobEvent, Priority
 from project.parsers import RequestTooLarge
@@ -48,8 +48,8 @@ class JobSubmitSerializer(serializers.Serializer):
         return value
 
     def validate_callback_url(self, value: str) -> str:
-        if value and not host_allowed(value):
-            raise serializers.ValidationError("Callbacks to this host are not allowed (see CALLBACK_ALLOWED_HOSTS).")
+        if value and (problem := callback_url_problem(value)):
+            raise serializers.ValidationError(problem)
         return value
 
     def validate_parent(self, value: Any) -> Job | None:
