@@ -31,6 +31,7 @@ from rest_framework.throttling import UserRateThrottle
 from rest_framework.urlpatterns import format_suffix_patterns
 from rest_framework.views import exception_handler as drf_exception_handler
 
+from apps.jobs import workers as live_workers
 from apps.jobs.services import JobConflict
 from project.parsers import RequestTooLarge
 
@@ -127,8 +128,6 @@ def server_error(request: HttpRequest) -> HttpResponse:
 
 # Health -----------------------------------------------------------------------------------------------
 
-WORKER_STATUS = "conveyor_status"  # the workers' inspect command (tasks/entrypoints.py), named, not imported
-
 
 @extend_schema(responses={200: OpenApiTypes.OBJECT, 503: OpenApiTypes.OBJECT})
 @api_view(["GET"])
@@ -150,10 +149,11 @@ def health(request: Request) -> Response:
         with current_app.connection_for_read() as conn:  # a new connection: a pooled one may be dead
             conn.ensure_connection(max_retries=1, timeout=2)
             state["broker"] = "ok"
-            replies = current_app.control.broadcast(WORKER_STATUS, reply=True, timeout=1.0, connection=conn)
-        workers = {name: status for reply in replies for name, status in reply.items()}
     except Exception as exc:
         state["broker"] = f"error: {type(exc).__name__}"
+    try:
+        workers = live_workers.alive()  # each announces itself every heartbeat (apps.jobs.workers)
+    except Exception:
         workers = {}
     staff = bool(getattr(request.user, "is_staff", False))
     state["workers"] = sorted(workers) if staff else len(workers)

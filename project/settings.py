@@ -175,6 +175,13 @@ JOBS_RETRY_MAX_SECONDS = env.float("JOBS_RETRY_MAX_SECONDS", default=600.0)
 # Times a running job may be handed back by a worker shutting down (a deploy) without the attempt
 # counting; beyond that, a hand-back counts as an attempt.
 JOBS_MAX_HANDBACKS = env.int("JOBS_MAX_HANDBACKS", default=3)
+# The statistics' roll-up (apps/jobs/stats.py) keeps per-minute counts this many days, hourly timing
+# histograms this many.
+JOBS_STATS_MINUTES_DAYS = env.int("JOBS_STATS_MINUTES_DAYS", default=2)
+JOBS_STATS_HOURS_DAYS = env.int("JOBS_STATS_HOURS_DAYS", default=30)
+# /metrics: a bearer token, or basic auth "user:password" (or a staff user's API token).
+METRICS_TOKEN = env.str("METRICS_TOKEN", default="")
+METRICS_BASIC_AUTH = env.str("METRICS_BASIC_AUTH", default="")
 # How many times a job may be put off by a 429 or a shared rate limit before that counts as an attempt.
 JOBS_MAX_DEFERRALS = env.int("JOBS_MAX_DEFERRALS", default=100)
 JOBS_PROGRESS_MIN_INTERVAL_SECONDS = env.float("JOBS_PROGRESS_MIN_INTERVAL_SECONDS", default=0.5)
@@ -187,7 +194,8 @@ JOBS_SUBMIT_RATE = env.str("JOBS_SUBMIT_RATE", default="600/min")
 JOBS_READ_RATE = env.str("JOBS_READ_RATE", default="6000/min")
 # Server-Sent Events streams a user may hold open at once, over every web process.
 JOBS_MAX_STREAMS_PER_USER = env.int("JOBS_MAX_STREAMS_PER_USER", default=20)
-# Hosts that job callbacks may call (exact names; "*" for any). Empty: callbacks are refused.
+# Hosts (exact names, as written in the URL) that job callbacks may call even when they resolve to
+# private, loopback, link-local or other non-public addresses. Public hosts need no listing; no wildcard.
 CALLBACK_ALLOWED_HOSTS = env.list("CALLBACK_ALLOWED_HOSTS", default=[])
 CALLBACK_TIMEOUT_SECONDS = env.float("CALLBACK_TIMEOUT_SECONDS", default=10.0)
 

@@ -2,6 +2,7 @@ from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
+from apps.jobs.api import operations
 from apps.messaging import urls as messaging
 
 urlpatterns = [
@@ -13,6 +14,7 @@ urlpatterns = [
     path("api/", include("apps.credentials.urls")),
     path("api/", include(messaging.api_urlpatterns)),
     path("webhooks/", include(messaging.webhook_urlpatterns)),
+    path("metrics", operations.metrics, name="metrics"),
 ]
 
 handler500 = "project.api.server_error"

@@ -1,16 +1,20 @@
 """Celery entry points. Thin: they take ids and call plain functions. Also what the worker says
 about itself: its sandbox, at start-up in its log and on request to `/api/health/`."""
 
+import contextlib
 import logging
+import threading
 from typing import Any
 
 from celery import shared_task
 from celery.concurrency.base import BasePool
-from celery.signals import worker_ready
+from celery.signals import worker_ready, worker_shutdown
 from celery.worker import state as worker_state
 from celery.worker.control import control_command, inspect_command
 from celery.worker.request import Request
+from django.conf import settings
 
+from apps.jobs import workers
 from apps.jobs.dispatch import CANCEL_COMMAND, DELIVER_CALLBACK, RUN_JOB
 from apps.jobs.reconciler import reconcile as reconcile_jobs
 from tasks import callbacks, execution
@@ -97,6 +101,36 @@ def _cancel_command(state: Any, job_id: str, task_id: str = "") -> dict[str, Any
             request.terminate(state.consumer.pool, signal="SIGTERM")
             return {"ok": "stopped"}
     return {"ok": "not running here"}
+
+
+@worker_ready.connect
+def _announce_the_worker(sender: Any, **kwargs: Any) -> None:
+    """Say, every heartbeat until the worker stops, that it is alive and what it consumes (read by
+    /api/health/, /api/stats/ and /metrics through `apps.jobs.workers`)."""
+    queues = sorted(queue.name for queue in sender.task_consumer.queues)
+    name = sender.hostname
+    pool = type(sender.pool).__module__.rsplit(".", 1)[-1]
+    stop = threading.Event()
+
+    def beat() -> None:
+        status = worker_status(queues) | {
+            "pool": pool,
+            "concurrency": sender.controller.concurrency if sender.controller else None,
+        }
+        while not stop.is_set():
+            try:
+                workers.announce(name, status | {"running": len(worker_state.active_requests)})
+            except Exception:  # Redis away: said again at the next beat
+                log.debug("could not announce worker %s", name, exc_info=True)
+            stop.wait(settings.JOBS_HEARTBEAT_SECONDS)
+
+    def withdraw(**_: Any) -> None:
+        stop.set()
+        with contextlib.suppress(Exception):
+            workers.withdraw(name)
+
+    worker_shutdown.connect(withdraw, weak=False)
+    threading.Thread(target=beat, name="conveyor-announce", daemon=True).start()
 
 
 @worker_ready.connect

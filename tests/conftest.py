@@ -30,6 +30,7 @@ from django.core.cache import cache
 from django.db import connection
 from rest_framework.test import APIClient
 
+from apps.jobs import workers
 from apps.jobs.models import FINAL_STATUSES, Job
 from tests.factories import api_token, make_user
 from tests.fake_discord import FakeDiscord
@@ -96,14 +97,16 @@ class WorkerProcess:
              "-Q", ",".join(settings.JOBS_QUEUES), "-l", "INFO", "--without-gossip", "--without-mingle"],
             cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
-        wait_for(self._answers, timeout=30, interval=0.2, what="the worker to answer a ping")
+        wait_for(self._answers, timeout=30, interval=0.2, what="the worker to answer a ping and announce itself")
 
     def _answers(self) -> bool:
         if self.proc is None or self.proc.poll() is not None:
             raise AssertionError(f"worker exited; see {self.log_path}")
         try:
             with current_app.connection_for_write() as conn:  # a new connection: a pooled one may be dead
-                return bool(current_app.control.ping(timeout=0.3, connection=conn))
+                answered = current_app.control.ping(timeout=0.3, connection=conn)
+            prefix = self.node.split("@")[0] + "@"
+            return bool(answered) and any(name.startswith(prefix) for name in workers.alive())
         except Exception:  # the broker is away for a moment
             return False
 
@@ -472,7 +475,12 @@ def no_shared_worker(shared_worker: WorkerProcess, transactional_db: None) -> No
 
 @pytest.fixture(autouse=True)
 def _clear_cache() -> None:
-    cache.clear()  # throttling counters
+    # The cache's own keys (throttling counters), not the whole database: the broker's queues and the
+    # workers' announcements live there too.
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    keys = list(client.scan_iter(match=cache.make_key("*"), count=1000))
+    if keys:
+        client.delete(*keys)
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from tests.factories import make_user
 def test_health_reports_database_broker_and_workers_without_auth_but_names_no_host(worker: WorkerProcess) -> None:
     response = APIClient().get("/api/health/")
 
-    assert response.status_code == 200
+    assert response.status_code == 200, response.json()
     body = response.json()
     assert body["database"] == body["broker"] == body["sandbox"] == "ok"
     assert body["workers"] >= 1

@@ -127,6 +127,8 @@ class Job(models.Model):
                 ),
             ),
             models.Index(fields=["run_at"], name="job_scheduled", condition=Q(status=Status.SCHEDULED)),
+            # What finished lately, for the statistics' roll-up (apps/jobs/stats.py).
+            models.Index(fields=["finished_at"], name="job_finished", condition=Q(finished_at__isnull=False)),
             models.Index(
                 fields=["owner", "dedupe_key", "-created_at"],
                 name="job_dedupe",
@@ -233,3 +235,59 @@ class Artifact(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+
+class StatsCursor(models.Model):
+    """How far the statistics' roll-up has read the finished jobs (one row)."""
+
+    finished_up_to = models.DateTimeField()
+
+    def __str__(self) -> str:
+        return f"statistics up to {self.finished_up_to}"
+
+
+class JobMinute(models.Model):
+    """Jobs that finished in one minute, by kind and final status (kept JOBS_STATS_MINUTES_DAYS)."""
+
+    minute = models.DateTimeField()
+    kind = models.CharField(max_length=32)
+    status = models.CharField(max_length=10)
+    jobs = models.PositiveIntegerField(default=0)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["minute", "kind", "status"], name="jobminute_key")]
+
+    def __str__(self) -> str:
+        return f"{self.minute:%H:%M} {self.kind} {self.status}: {self.jobs}"
+
+
+class JobTiming(models.Model):
+    """A histogram of finished jobs' queue wait and run time, per hour and kind: `jobs` fell in
+    `bucket` (bucket b holds durations up to 2**(b/4) ms); the all-time totals are at `hour` 1970-01-01."""
+
+    hour = models.DateTimeField()
+    kind = models.CharField(max_length=32)
+    metric = models.CharField(max_length=4)  # "wait" (queued to started) or "run" (started to finished)
+    bucket = models.SmallIntegerField()
+    jobs = models.PositiveBigIntegerField(default=0)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["hour", "kind", "metric", "bucket"], name="jobtiming_key")]
+
+    def __str__(self) -> str:
+        return f"{self.hour} {self.kind} {self.metric}[{self.bucket}]: {self.jobs}"
+
+
+class JobTotal(models.Model):
+    """All-time counts of finished jobs by kind and status, with their attempts (for /metrics)."""
+
+    kind = models.CharField(max_length=32)
+    status = models.CharField(max_length=10)
+    jobs = models.PositiveBigIntegerField(default=0)
+    attempts = models.PositiveBigIntegerField(default=0)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["kind", "status"], name="jobtotal_key")]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.status}: {self.jobs}"

@@ -15,7 +15,7 @@ from celery.beat import PersistentScheduler
 from django.conf import settings
 from django.db import close_old_connections, connection
 
-from apps.jobs import reconciler
+from apps.jobs import reconciler, stats
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,8 @@ class JobsMixin:
                 counts = reconciler.reconcile()
                 if any(counts.values()):
                     log.info("reconciler: %s", counts)
+                    stats.record_reconcile(counts)
+                stats.rollup()
             else:
                 reconciler.promote_due()
         except Exception:

@@ -4,13 +4,14 @@ from django.urls import path
 from rest_framework.routers import SimpleRouter
 from rest_framework.urlpatterns import format_suffix_patterns
 
-from apps.jobs.api import jobs, personas, streams, uploads
+from apps.jobs.api import jobs, operations, personas, streams, uploads
 
 router = SimpleRouter()
 router.register("jobs", jobs.JobViewSet, basename="job")
 
 urlpatterns = [
     path("uploads/", uploads.upload, name="upload"),
+    path("stats/", operations.stats_view, name="stats"),
     path("ai/generate/", personas.generate, name="ai-generate"),
     path("personas/", personas.personas, name="personas"),
     path("jobs/<uuid:pk>/log/", jobs.job_log, name="job-log"),
