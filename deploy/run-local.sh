@@ -23,6 +23,12 @@ chmod 600 .env  # secrets: the worker's alone
 if ! grep -q '^CREDENTIALS_KEYS=' .env; then
   echo "CREDENTIALS_KEYS=$(python -c 'from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())')" >> .env
 fi
+if ! grep -Eq '^FLOWER_BASIC_AUTH(_FILE)?=.' .env; then
+  # Flower does not start without credentials: an .env from before they were required gets the demo
+  # admin's, as a new one does.
+  password=$(sed -n 's/^DEMO_ADMIN_PASSWORD=//p' .env | tail -n 1)
+  echo "FLOWER_BASIC_AUTH=admin:${password:-$(python -c 'import secrets; print(secrets.token_urlsafe(12))')}" >> .env
+fi
 set -a; . ./.env; set +a
 
 eval "$(python deploy/services.py up)"
