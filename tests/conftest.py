@@ -106,7 +106,8 @@ class WorkerProcess:
             with current_app.connection_for_write() as conn:  # a new connection: a pooled one may be dead
                 answered = current_app.control.ping(timeout=0.3, connection=conn)
             prefix = self.node.split("@")[0] + "@"
-            return bool(answered) and any(name.startswith(prefix) for name in workers.alive())
+            announced = workers.alive(redis.Redis.from_url(self.env.get("REDIS_URL", settings.REDIS_URL)))
+            return bool(answered) and any(name.startswith(prefix) for name in announced)
         except Exception:  # the broker is away for a moment
             return False
 

@@ -71,14 +71,16 @@ def test_metrics_and_stats_need_their_credentials(settings, api) -> None:
 @pytest.mark.usefixtures("no_shared_worker")  # nothing consumes: the jobs wait in the broker
 def test_queue_depth_is_summed_over_every_priority_with_the_oldest_jobs_age(settings, api) -> None:
     settings.METRICS_TOKEN = "metrics-token"
+    before = stats.queues()["default"]  # what earlier tests left unconsumed, if anything
     for priority in ("low", "normal", "high", "critical"):
         submit(api, "echo", {"message": priority}, priority=priority)
-    queue = wait_for(lambda: (q := stats.queues()["default"])["depth"] == 4 and q, what="the four messages")
+    queue = wait_for(lambda: (q := stats.queues()["default"])["depth"] == before["depth"] + 4 and q, what="4 more")
 
-    assert sorted(queue["depth_by_priority"].values()) == [1, 1, 1, 1]  # one list per priority
+    added = {p: n - before["depth_by_priority"].get(p, 0) for p, n in queue["depth_by_priority"].items()}
+    assert sorted(added.values()) == [1, 1, 1, 1]  # one list per priority
     assert queue["oldest_waiting_seconds"] > 0
     scraped = metrics(APIClient(), HTTP_AUTHORIZATION="Bearer metrics-token")
-    assert scraped[("conveyor_queue_depth", (("queue", "default"),))] == 4
+    assert scraped[("conveyor_queue_depth", (("queue", "default"),))] == before["depth"] + 4
     assert scraped[("conveyor_queue_oldest_waiting_seconds", (("queue", "default"),))] > 0
 
 

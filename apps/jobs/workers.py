@@ -23,9 +23,10 @@ def withdraw(name: str) -> None:
     live.client().delete(PREFIX + name)
 
 
-def alive() -> dict[str, dict[str, Any]]:
-    """The workers that announced themselves lately (see PREFIX's TTL), by name."""
-    client = live.client()
+def alive(client: Any = None) -> dict[str, dict[str, Any]]:
+    """The workers that announced themselves lately (see PREFIX's TTL), by name (in REDIS_URL, or
+    the Redis of `client`)."""
+    client = client or live.client()
     keys = sorted(client.scan_iter(match=PREFIX + "*", count=1000))
     found: dict[str, dict[str, Any]] = {}
     for key, value in zip(keys, client.mget(keys) if keys else [], strict=True):
