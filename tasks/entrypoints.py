@@ -4,6 +4,7 @@ about itself: its sandbox, at start-up in its log and on request to `/api/health
 import contextlib
 import logging
 import threading
+import uuid
 from typing import Any
 
 from celery import shared_task
@@ -14,7 +15,7 @@ from celery.worker.control import control_command, inspect_command
 from celery.worker.request import Request
 from django.conf import settings
 
-from apps.jobs import workers
+from apps.jobs import services, workers
 from apps.jobs.dispatch import CANCEL_COMMAND, DELIVER_CALLBACK, RUN_JOB
 from apps.jobs.reconciler import reconcile as reconcile_jobs
 from tasks import callbacks, execution
@@ -24,6 +25,7 @@ from tasks.sandbox.confinement import capabilities, sweep_slots
 log = logging.getLogger(__name__)
 
 WORKER_STATUS = "conveyor_status"
+SUBMIT = "conveyor.submit"
 
 
 class JobRequest(Request):
@@ -62,6 +64,22 @@ def _kills_processes(pool: Any) -> bool:
 @shared_task(name=RUN_JOB, bind=True, Request=JobRequest)
 def run_job(self, job_id: str) -> str | None:
     return execution.run(job_id, task_id=self.request.id or "", worker=self.request.hostname or "")
+
+
+@shared_task(name=SUBMIT, bind=True, acks_late=True)
+def submit(self: Any, kind: str, payload: dict, owner: str, **fields: Any) -> str:
+    """A job submitted over the broker, by any Celery client: `celery -A project call conveyor.submit
+    --kwargs '{"kind": "echo", "payload": {...}, "owner": "alice"}'` or `app.send_task(...)`. The API's
+    validation and the same row-first path; the job's id is this task's id (what `celery call`
+    prints), so a message delivered twice makes one job. A refused submission is logged, with why."""
+    job_id = uuid.UUID(self.request.id) if self.request.id else None
+    try:
+        job, created = services.submit_as(owner, {"kind": kind, "payload": payload, **fields}, job_id=job_id)
+    except services.SubmissionRefused as exc:
+        log.error("conveyor.submit %s refused: %s", self.request.id, exc)
+        raise
+    log.info("conveyor.submit: job %s %s", job.pk, "created" if created else "already there")
+    return str(job.pk)
 
 
 @shared_task(name="conveyor.reconcile")

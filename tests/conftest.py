@@ -97,7 +97,12 @@ class WorkerProcess:
              "-Q", ",".join(settings.JOBS_QUEUES), "-l", "INFO", "--without-gossip", "--without-mingle"],
             cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
-        wait_for(self._answers, timeout=30, interval=0.2, what="the worker to answer a ping and announce itself")
+        try:
+            wait_for(self._answers, timeout=30, interval=0.2, what="the worker to answer a ping and announce itself")
+        except AssertionError:
+            with contextlib.suppress(ProcessLookupError):
+                self.kill()  # never left running behind a failed test
+            raise
 
     def _answers(self) -> bool:
         if self.proc is None or self.proc.poll() is not None:

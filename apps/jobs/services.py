@@ -2,13 +2,17 @@
 management commands call these; what follows each change (publishing, callbacks) is the lifecycle's."""
 
 import hashlib
+import json
 import logging
 from contextlib import nullcontext
 from datetime import timedelta
+from types import SimpleNamespace
 from typing import Any
+from uuid import UUID
 
 from celery import current_app
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractBaseUser
 from django.core.files.uploadedfile import UploadedFile
 from django.db import IntegrityError, connection, transaction
@@ -45,13 +49,18 @@ def build_job(owner: AbstractBaseUser, spec: dict[str, Any]) -> Job:
     )
 
 
-def submit_job(owner: AbstractBaseUser, spec: dict[str, Any]) -> tuple[Job, bool]:
+def submit_job(owner: AbstractBaseUser, spec: dict[str, Any], *, job_id: UUID | None = None) -> tuple[Job, bool]:
     """Create a job and publish it after commit. Returns (job, created): a repeated idempotency key
-    returns the job first submitted with it, and creates nothing."""
+    returns the job first submitted with it, and creates nothing; so does a `job_id` already taken (a
+    submission sent twice over the broker)."""
     key = spec.get("idempotency_key")
     if key and (existing := Job.objects.by_idempotency_key(owner, key).first()):
         return existing, False
+    if job_id is not None and (existing := Job.objects.filter(pk=job_id, owner=owner).first()):
+        return existing, False
     job = build_job(owner, spec)
+    if job_id is not None:
+        job.id = job_id
     # A transaction only where one is needed: to look for a duplicate under its lock, or to keep
     # the caller's transaction usable should the insert fail. Otherwise creating the job is one
     # statement (see create_jobs), and the job is published as soon as it returns.
@@ -67,6 +76,28 @@ def submit_job(owner: AbstractBaseUser, spec: dict[str, Any]) -> tuple[Job, bool
             return existing, False
         raise
     return job, True
+
+
+class SubmissionRefused(ValueError):
+    """A submission that is not valid: `errors` as the API would answer them (field -> reasons)."""
+
+    def __init__(self, errors: Any) -> None:
+        super().__init__(json.dumps(errors, default=str))
+        self.errors = errors
+
+
+def submit_as(username: str, data: dict[str, Any], *, job_id: UUID | None = None) -> tuple[Job, bool]:
+    """A submission from outside the API (the Celery `conveyor.submit` task, `manage.py jobs submit`)
+    for the user `username`: the API's own validation, then the same path as `POST /api/jobs/`."""
+    from apps.jobs.api.serializers import JobSubmitSerializer
+
+    owner = get_user_model().objects.filter(username=username, is_active=True).first()
+    if owner is None:
+        raise SubmissionRefused({"owner": [f"No active user {username!r}."]})
+    submitted = JobSubmitSerializer(data=data, context={"request": SimpleNamespace(user=owner)})
+    if not submitted.is_valid():
+        raise SubmissionRefused(submitted.errors)
+    return submit_job(owner, dict(submitted.validated_data), job_id=job_id)
 
 
 def find_duplicate(owner: AbstractBaseUser, dedupe_key: str) -> Job | None:
