@@ -45,6 +45,7 @@ bench: venv
 	$(PY) bench/builds.py
 	$(PY) bench/ai.py
 	$(PY) bench/streams.py
+	$(PY) bench/messages.py
 
 clean:
 	rm -rf $(VENV) $(TOOLCHAIN) .run staticfiles

@@ -299,6 +299,8 @@ TWILIO_MESSAGING_SERVICE_SID = env.str("TWILIO_MESSAGING_SERVICE_SID", default="
 TWILIO_API_BASE_URL = env.str("TWILIO_API_BASE_URL", default="").rstrip("/")  # another server (tests)
 TWILIO_TIMEOUT_SECONDS = env.float("TWILIO_TIMEOUT_SECONDS", default=15.0)
 SMS_RATE_PER_SECOND = env.float("SMS_RATE_PER_SECOND", default=1.0)  # per sending number (a long code: 1)
+# Provider-facing rates are paced this fraction under their setting (see tasks/channels/deliver.py).
+MESSAGE_RATE_MARGIN = env.float("MESSAGE_RATE_MARGIN", default=0.05)
 SMS_SMART_ENCODING = env.bool("SMS_SMART_ENCODING", default=False)
 SMS_HELP_REPLY = env.str(
     "SMS_HELP_REPLY",

@@ -276,8 +276,8 @@ class Kind:
     # (owner id, validated payload) -> the request's identity, for kinds where an identical request
     # gets the job already under way (or just finished) instead of a new one; None: no deduplication.
     dedupe_key: Callable[[int, dict], str | None] | None = None
-    # Whether `apps.jobs.signals.job_finished` is sent when a job of this kind ends.
-    signals_finish: bool = False
+    # Whether `apps.jobs.signals.job_finished` is sent when a job of this kind ends (given the job).
+    signals_finish: Callable[[Any], bool] | None = None
 
 
 KINDS: dict[str, Kind] = {
@@ -309,7 +309,8 @@ KINDS: dict[str, Kind] = {
             payload_serializer=MessagePayload,
             max_attempts=5,
             timeout_seconds=120,
-            signals_finish=True,  # the delivery statuses that came while it ran (apps.messaging.deliveries)
+            # an SMS's status callbacks may come while it runs: its result takes them when it ends
+            signals_finish=lambda job: job.payload.get("channel") == "sms" and bool(settings.PUBLIC_BASE_URL),
         ),
         *(
             Kind(name, queue="builds", payload_serializer=ToolPayload, max_attempts=2, timeout_seconds=600)

@@ -13,7 +13,7 @@ def has_followers(job: object) -> bool:
     from apps.jobs.kinds import KINDS
 
     kind = KINDS.get(getattr(job, "kind", ""))
-    if kind is not None and kind.signals_finish:
+    if kind is not None and kind.signals_finish is not None and kind.signals_finish(job):
         return True
     payload = getattr(job, "payload", None)
     return isinstance(payload, dict) and bool(payload.get("conversation"))

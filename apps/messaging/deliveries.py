@@ -64,12 +64,14 @@ def _keep_early(provider_id: str, status: str, rank: int, error_code: str) -> No
         early.save(update_fields=["status", "rank", "error_code"])
 
 
-def apply_early(provider_id: str) -> None:
-    """Once a part is recorded: the status that came before it, if any."""
+def apply_early(provider_id: str) -> bool:
+    """Once a part is recorded: the status that came before it, if any (whether there was one)."""
     early = EarlyStatus.objects.filter(provider_id=provider_id).first()
-    if early is not None:
-        report(provider_id, early.status, early.error_code)
-        EarlyStatus.objects.filter(provider_id=provider_id).delete()
+    if early is None:
+        return False
+    report(provider_id, early.status, early.error_code)
+    EarlyStatus.objects.filter(provider_id=provider_id).delete()
+    return True
 
 
 def sync_result(job: Job) -> None:

@@ -32,6 +32,11 @@ def claim(job_id: UUID, key: str) -> tuple[UUID | None, bool]:
     gave up (failed, cancelled, timed out) leaves the send to the next job that asks."""
     now = timezone.now()
     expires = now + timedelta(seconds=settings.MESSAGE_DEDUPE_SECONDS)
+    # The usual case, no claim yet (or ours already): INSERT ... ON CONFLICT DO NOTHING and a look,
+    # without a transaction.
+    SendClaim.objects.bulk_create([SendClaim(key=key, job_id=job_id, expires_at=expires)], ignore_conflicts=True)
+    if SendClaim.objects.filter(key=key, job_id=job_id).exists():
+        return None, False
     for _ in range(2):  # a claim inserted by another job between our look and our insert: look again
         try:
             with transaction.atomic():
@@ -57,35 +62,34 @@ def delivered(job_id: UUID) -> dict[int, Delivery]:
 
 
 def record(job_id: UUID, part: int, *, channel: str, to: str, provider_id: str, status: str,
-           segments: int | None) -> None:  # fmt: skip
-    rank = Delivery.RANK.get(status, 0)
-    Delivery.objects.update_or_create(
-        job_id=job_id,
-        part=part,
-        defaults={
-            "channel": channel,
-            "to": to,
-            "provider_id": provider_id,
-            "status": status,
-            "rank": rank,
-            "segments": segments,
-        },
+           segments: int | None) -> dict[str, Any]:  # fmt: skip
+    """A part its provider accepted (one statement), with a status that came before it, if any.
+    Returns the part as the job's result lists it."""
+    row = Delivery(job_id=job_id, part=part, channel=channel, to=to, provider_id=provider_id, status=status,
+                   rank=Delivery.RANK.get(status, 0), segments=segments)  # fmt: skip
+    Delivery.objects.bulk_create(
+        [row],
+        update_conflicts=True,
+        unique_fields=["job", "part"],
+        update_fields=["channel", "to", "provider_id", "status", "rank", "segments"],
     )
-    if provider_id:
-        apply_early(provider_id)  # a status callback that came before this record
+    if provider_id and apply_early(provider_id):  # a status callback that came before this record
+        row = Delivery.objects.get(job_id=job_id, part=part)
+    return as_item(row)
+
+
+def as_item(d: Delivery) -> dict[str, Any]:
+    item: dict[str, Any] = {"id": d.provider_id, "part": d.part, "status": d.status}
+    if d.segments is not None:
+        item["segments"] = d.segments
+    if d.error_code:
+        item["error_code"] = d.error_code
+    return item
 
 
 def deliveries(job_id: UUID) -> list[dict[str, Any]]:
     """Each delivered part, in order, with its latest status."""
-    found = []
-    for d in Delivery.objects.filter(job_id=job_id).order_by("part"):
-        item: dict[str, Any] = {"id": d.provider_id, "part": d.part, "status": d.status}
-        if d.segments is not None:
-            item["segments"] = d.segments
-        if d.error_code:
-            item["error_code"] = d.error_code
-        found.append(item)
-    return found
+    return [as_item(d) for d in Delivery.objects.filter(job_id=job_id).order_by("part")]
 
 
 def opted_out(our_address: str, their_address: str) -> bool:

@@ -64,6 +64,8 @@ async def _on_request_end(session: Any, ctx: Any, params: aiohttp.TraceRequestEn
                 remaining=int(headers.get("X-RateLimit-Remaining", 0)),
                 reset_after=float(headers.get("X-RateLimit-Reset-After", 1)),
             )
+        elif match:
+            ratelimit.unprobe(route_bucket(match.group(1), match.group(2)))
     except Exception:  # a hint lost is a 429 later, never a failed send
         log.exception("could not record Discord's rate-limit headers")
 

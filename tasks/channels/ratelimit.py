@@ -104,15 +104,21 @@ def acquire(limits: Sequence[Limit], *, max_wait: float, sleep=time.sleep) -> fl
 
 # A bucket as the provider last described it: `limit` requests a window, `remaining` in the current one,
 # which ends at `reset` (on Redis's clock), and the window's length. Workers take from `remaining` before
-# they send; each answer corrects it. Once a window has passed, the next one is assumed to start now
-# with `limit` (plus a margin, since the provider's window may have started a little later).
+# they send; each answer corrects it. A bucket not known yet lets one request through to learn it
+# (the others wait for its answer: a burst into an unknown bucket is what earns 429s). Once a window
+# has passed, the next one is assumed to start now with `limit` (plus a margin, since the provider's
+# window may have started a little later).
 _RESERVE = """
 local now_parts = redis.call('TIME')
 local now = tonumber(now_parts[1]) + tonumber(now_parts[2]) / 1000000
 local blocked = redis.call('PTTL', KEYS[2])
 if blocked > 0 then return tostring(blocked / 1000) end
 local b = redis.call('HMGET', KEYS[1], 'limit', 'remaining', 'reset', 'window')
-if not b[1] then return '0' end
+if not b[1] then
+  -- an unknown bucket: one request goes first and learns it; the others wait for its answer
+  if redis.call('SET', KEYS[3], '1', 'NX', 'PX', 2000) then return '0' end
+  return '0.05'
+end
 local limit, remaining, reset, window = tonumber(b[1]), tonumber(b[2]), tonumber(b[3]), tonumber(b[4])
 local margin = tonumber(ARGV[1])
 if reset + margin <= now then
@@ -141,6 +147,7 @@ if b[2] and tonumber(b[2]) > now and math.abs(tonumber(b[2]) - reset) < 1 then
 end
 redis.call('HSET', KEYS[1], 'limit', limit, 'remaining', remaining, 'reset', reset, 'window', window)
 redis.call('PEXPIRE', KEYS[1], math.ceil((reset - now + window) * 1000) + 60000)
+redis.call('DEL', KEYS[2])
 return 'ok'
 """
 
@@ -159,14 +166,20 @@ def reserve(bucket: str, blocked_key: str = "") -> float:
     """Take a request from a learned bucket (and wait out a block on `blocked_key`, such as Discord's
     global limit after a global 429). 0 when admitted, else the seconds to wait; nothing is taken then."""
     _, script, _ = _bucket_scripts()
-    keys = [PREFIX + "bucket:" + bucket, PREFIX + "block:" + (blocked_key or "none")]
+    keys = [PREFIX + "bucket:" + bucket, PREFIX + "block:" + (blocked_key or "none"), PREFIX + "probe:" + bucket]
     return float(script(keys=keys, args=[BUCKET_MARGIN_SECONDS]))
 
 
 def learn(bucket: str, *, limit: int, remaining: int, reset_after: float) -> None:
     """What the provider said of a bucket after a request."""
     _, _, script = _bucket_scripts()
-    script(keys=[PREFIX + "bucket:" + bucket], args=[limit, remaining, reset_after])
+    script(keys=[PREFIX + "bucket:" + bucket, PREFIX + "probe:" + bucket], args=[limit, remaining, reset_after])
+
+
+def unprobe(bucket: str) -> None:
+    """An answer that said nothing of its bucket: the next request may go and learn it."""
+    client, _, _ = _bucket_scripts()
+    client.delete(PREFIX + "probe:" + bucket)
 
 
 def block(key: str, seconds: float) -> None:
