@@ -46,6 +46,7 @@ bench: venv
 	$(PY) bench/ai.py
 	$(PY) bench/streams.py
 	$(PY) bench/messages.py
+	$(PY) bench/stats.py
 
 clean:
 	rm -rf $(VENV) $(TOOLCHAIN) .run staticfiles

@@ -52,7 +52,7 @@ def test_stats_and_metrics_equal_the_rows(settings) -> None:
 
     scraped = metrics(APIClient(), HTTP_AUTHORIZATION="Bearer metrics-token")
     assert scraped[("conveyor_jobs_finished_total", (("kind", "echo"), ("status", "succeeded")))] == 2
-    assert scraped[("conveyor_jobs", (("kind", "echo"), ("status", "running")))] == 1
+    assert scraped[("conveyor_jobs", (("queue", "default"), ("status", "running")))] == 1
     assert scraped[("conveyor_dead_letters", ())] == 2
     assert scraped[("conveyor_job_run_seconds_count", (("kind", "echo"),))] == 4  # the cancelled one never ran
 

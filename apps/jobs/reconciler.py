@@ -17,6 +17,7 @@ A duplicate message is harmless: its claim fails. Leases are judged on the datab
 
 import logging
 from collections.abc import Sequence
+from contextlib import nullcontext
 from datetime import UTC, datetime, timedelta
 
 from celery import current_app
@@ -35,10 +36,11 @@ BATCH = 5_000
 CLAIM_ORDER_SLACK_SECONDS = 1.0
 
 
-def broker_depths(queue: str) -> dict[str | None, int]:
+def broker_depths(queue: str, conn: object = None) -> dict[str | None, int]:
     """Messages waiting in a queue: per priority on Redis (one list per priority step), as a total
-    (key None) on AMQP. A queue the broker does not have counts 0."""
-    with current_app.connection_for_read() as conn:
+    (key None) on AMQP. A queue the broker does not have counts 0. On `conn` when given (a caller
+    that asks of several queues), else on a connection of its own."""
+    with nullcontext(conn) if conn is not None else current_app.connection_for_read() as conn:
         channel = conn.default_channel
         if settings.BROKER_IS_REDIS:
             names = {priority: channel._q_for_pri(queue, broker_priority(priority)) for priority in Priority.values}

@@ -10,8 +10,9 @@ from collections import Counter
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from celery import current_app
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import Count, F, Sum
 from django.utils import timezone
 
@@ -118,36 +119,61 @@ def reconciler_totals() -> dict[str, int]:
 def queues() -> dict[str, dict[str, Any]]:
     """Per queue: messages waiting in the broker (every priority), and the oldest waiting job."""
     now = timezone.now()
+    oldest = _oldest_queued()
     found: dict[str, dict[str, Any]] = {}
+    try:
+        with current_app.connection_for_read() as conn:  # one connection for every queue
+            depths = {queue: broker_depths(queue, conn) for queue in settings.JOBS_QUEUES}
+    except Exception:  # the broker is away: the job table still says how old the backlog is
+        depths = {}
     for queue in settings.JOBS_QUEUES:
-        try:
-            depths = broker_depths(queue)
-            depth: int | None = sum(depths.values())
-            by_priority = {p: n for p, n in depths.items() if p is not None}
-        except Exception:
-            depth, by_priority = None, {}
-        oldest = None
-        for priority in Priority.values:  # one index lookup each (job_active)
-            first = (
-                Job.objects.filter(status=Status.QUEUED, queue=queue, priority=priority)
-                .order_by("queued_at")
-                .values_list("queued_at", flat=True)
-                .first()
-            )
-            if first and (oldest is None or first < oldest):
-                oldest = first
+        by_priority = {p: n for p, n in depths.get(queue, {}).items() if p is not None}
+        first = oldest.get(queue)
         found[queue] = {
-            "depth": depth,
+            "depth": sum(depths[queue].values()) if queue in depths else None,
             "depth_by_priority": by_priority,
-            "oldest_waiting_seconds": round((now - oldest).total_seconds(), 3) if oldest else 0.0,
+            "oldest_waiting_seconds": round((now - first).total_seconds(), 3) if first else 0.0,
         }
     return found
 
 
+def _oldest_queued() -> dict[str, datetime]:
+    """The oldest queued job's `queued_at` per queue: one index probe per queue and priority (the
+    job_active index), in one statement on PostgreSQL."""
+    pairs = [(queue, priority) for queue in settings.JOBS_QUEUES for priority in Priority.values]
+    if connection.vendor == "postgresql":
+        probe = (
+            '(SELECT %s::text AS queue, "queued_at" FROM "jobs_job" WHERE "status" = %s AND "queue" = %s'
+            ' AND "priority" = %s ORDER BY "queued_at" LIMIT 1)'
+        )
+        params: list[Any] = []
+        for queue, priority in pairs:
+            params += [queue, Status.QUEUED, queue, priority]
+        with connection.cursor() as cursor:
+            cursor.execute(" UNION ALL ".join([probe] * len(pairs)), params)
+            rows = cursor.fetchall()
+    else:
+        rows = [
+            (queue, first)
+            for queue, priority in pairs
+            if (
+                first := Job.objects.filter(status=Status.QUEUED, queue=queue, priority=priority)
+                .order_by("queued_at")
+                .values_list("queued_at", flat=True)
+                .first()
+            )
+        ]
+    oldest: dict[str, datetime] = {}
+    for queue, first in rows:
+        if first and (queue not in oldest or first < oldest[queue]):
+            oldest[queue] = first
+    return oldest
+
+
 def unfinished() -> dict[tuple[str, str], int]:
-    """(status, kind) -> jobs not finished yet (the job_active index)."""
-    rows = Job.objects.filter(status__in=ACTIVE_STATUSES).values_list("status", "kind").annotate(n=Count("id"))
-    return {(status, kind): n for status, kind, n in rows.order_by()}
+    """(status, queue) -> jobs not finished yet, read from the job_active index alone."""
+    rows = Job.objects.filter(status__in=ACTIVE_STATUSES).values_list("status", "queue").annotate(n=Count("*"))
+    return {(status, queue): n for status, queue, n in rows.order_by()}
 
 
 def finished_since(since: datetime) -> tuple[dict[str, int], dict[str, int]]:

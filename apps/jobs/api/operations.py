@@ -48,9 +48,11 @@ class _Collector:
             oldest.add_metric([name], queue["oldest_waiting_seconds"])
         yield depth
         yield oldest
-        unfinished = GaugeMetricFamily("conveyor_jobs", "Unfinished jobs by status and kind", labels=["status", "kind"])
-        for (status, kind), n in sorted(stats.unfinished().items()):
-            unfinished.add_metric([status, kind], n)
+        unfinished = GaugeMetricFamily(
+            "conveyor_jobs", "Unfinished jobs by status and queue", labels=["status", "queue"]
+        )
+        for (status, queue), n in sorted(stats.unfinished().items()):
+            unfinished.add_metric([status, queue], n)
         yield unfinished
         finished = CounterMetricFamily("conveyor_jobs_finished", "Finished jobs", labels=["kind", "status"])
         attempts = CounterMetricFamily("conveyor_job_attempts", "Attempts of finished jobs", labels=["kind"])
