@@ -194,6 +194,8 @@ JOBS_SUBMIT_RATE = env.str("JOBS_SUBMIT_RATE", default="600/min")
 JOBS_READ_RATE = env.str("JOBS_READ_RATE", default="6000/min")
 # Server-Sent Events streams a user may hold open at once, over every web process.
 JOBS_MAX_STREAMS_PER_USER = env.int("JOBS_MAX_STREAMS_PER_USER", default=20)
+# `?wait=` on submitting or reading a job holds the request at most this long (a wait is a stream).
+JOBS_MAX_WAIT_SECONDS = env.float("JOBS_MAX_WAIT_SECONDS", default=30.0)
 # Hosts (exact names, as written in the URL) that job callbacks may call even when they resolve to
 # private, loopback, link-local or other non-public addresses. Public hosts need no listing; no wildcard.
 CALLBACK_ALLOWED_HOSTS = env.list("CALLBACK_ALLOWED_HOSTS", default=[])

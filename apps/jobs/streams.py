@@ -289,3 +289,27 @@ async def job_events(job: Job, offset: int, user_id: int, stream_id: str) -> Asy
             yield sse(LiveEvent.END, _snapshot(job))
     finally:
         await release(user_id, stream_id)
+
+
+async def until_final(job: Job, user_id: int, seconds: float) -> Job:
+    """`job` once final, or as it stands after `seconds` (`?wait=`): woken by its live status events,
+    counted as one of the user's open streams (when the user has none left, it answers at once)."""
+    stream_id = await admit(user_id)
+    if stream_id is None:
+        return await _refresh(job)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    try:
+        async with hub().listen(job.pk, user_id, stream_id) as listener:  # subscribed before the read
+            job = await _refresh(job)
+            while not job.is_final and (left := deadline - loop.time()) > 0:
+                try:
+                    event = await asyncio.wait_for(listener.queue.get(), timeout=min(left, KEEPALIVE_SECONDS))
+                except TimeoutError:
+                    job = await _refresh(job)  # (a status event lost with Redis: read the row now and then)
+                    continue
+                if event.get("type") in (LiveEvent.STATUS, LiveEvent.RESYNC):
+                    job = await _refresh(job)
+    finally:
+        await release(user_id, stream_id)
+    return job
