@@ -49,6 +49,7 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "apps.jobs.api.waits.wait_for_jobs",  # `?wait=N` on a job: after the view, without a thread
 ]
 
 ROOT_URLCONF = "project.urls"

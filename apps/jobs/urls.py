@@ -4,7 +4,7 @@ from django.urls import path
 from rest_framework.routers import SimpleRouter
 from rest_framework.urlpatterns import format_suffix_patterns
 
-from apps.jobs.api import jobs, operations, personas, streams, uploads, waits
+from apps.jobs.api import jobs, operations, personas, streams, uploads
 
 router = SimpleRouter()
 router.register("jobs", jobs.JobViewSet, basename="job")
@@ -17,8 +17,5 @@ urlpatterns = [
     path("jobs/<uuid:pk>/log/", jobs.job_log, name="job-log"),
     path("jobs/<uuid:pk>/stream/", streams.job_stream, name="job-stream"),
     path("jobs/<uuid:pk>/artifacts/<path:name>", jobs.job_artifact, name="job-artifact"),
-    # `?wait=N`: async views that hand the request to the viewset, then wait without a thread
-    path("jobs/", waits.job_list, name="job-list-wait"),
-    path("jobs/<uuid:pk>/", waits.job_detail, name="job-detail-wait"),
     *format_suffix_patterns(router.urls),  # `/api/jobs.json` too, as DRF's DefaultRouter routes them
 ]

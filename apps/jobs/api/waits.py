@@ -1,30 +1,36 @@
-"""`?wait=N` on `POST /api/jobs/` and `GET /api/jobs/{id}/`: the request is held until the job is
-final or N seconds passed (at most JOBS_MAX_WAIT_SECONDS), then answered with the job: 200 when final,
-202 with the job as it stands. What a bot or a gateway wants from a queue: a request and its response.
+"""`?wait=N` on `POST /api/jobs/` and `GET /api/jobs/{id}/`: the answer is held until the job is final
+or N seconds passed (at most JOBS_MAX_WAIT_SECONDS), then it is the job: 200 when final, 202 with the job
+as it stands. What a bot or a gateway wants from a queue: a request and its response.
 
-Async views: the job is submitted or read by the API's own view (authentication, validation,
-throttles, visibility), then the wait is on the job's live events, as an event stream waits
-(`apps.jobs.streams`): no thread is held while a request waits, and a wait counts as one of the
-user's open streams (JOBS_MAX_STREAMS_PER_USER)."""
+A middleware, outside the API's views: the request goes through them as any other (authentication,
+validation, throttles, visibility), and only then, if it made or found a job, the middleware waits on
+the job's live events as an event stream does (`apps.jobs.streams`). Under ASGI, with every middleware
+async-capable, no thread is held while a request waits, and a wait counts as one of the user's open
+streams (JOBS_MAX_STREAMS_PER_USER). Requests without `wait` pass straight through."""
 
-from asgiref.sync import sync_to_async
+import json
+import re
+from collections.abc import Callable
+
+from asgiref.sync import async_to_sync, iscoroutinefunction, markcoroutinefunction
 from django.conf import settings
 from django.core.serializers.json import DjangoJSONEncoder
 from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.utils.decorators import sync_and_async_middleware
 
 from apps.jobs import streams
-from apps.jobs.api.jobs import JobViewSet
 from apps.jobs.api.serializers import JobSerializer
 from apps.jobs.models import Job
 
-_list = JobViewSet.as_view({"get": "list", "post": "create"})
-_detail = JobViewSet.as_view({"get": "retrieve"})
+WAITABLE = re.compile(r"^/api/jobs/(?:[0-9a-fA-F-]{36}/)?$")
 
 
 def _seconds(request: HttpRequest) -> float | JsonResponse | None:
-    """The wait asked for: None when not asked, a 400 answer when not a number of seconds."""
-    if "wait" not in request.GET:
+    """The wait asked for: None when not asked (or not here), a 400 answer when not a number of seconds."""
+    if "wait" not in request.GET or not WAITABLE.match(request.path_info):
         return None
+    if request.method not in ("GET", "POST") or (request.method == "GET" and request.path_info == "/api/jobs/"):
+        return None  # the list: nothing to wait for
     try:
         seconds = float(request.GET["wait"])
     except ValueError:
@@ -34,24 +40,13 @@ def _seconds(request: HttpRequest) -> float | JsonResponse | None:
     return min(seconds, settings.JOBS_MAX_WAIT_SECONDS)
 
 
-async def job_list(request: HttpRequest) -> HttpResponse:
-    seconds = _seconds(request)
-    if isinstance(seconds, JsonResponse):
-        return seconds
-    response = await sync_to_async(_list)(request)
-    if seconds is None or request.method != "POST" or response.status_code not in (200, 201):
-        return response
-    return await _answer(request, response.data["id"], seconds)
-
-
-async def job_detail(request: HttpRequest, pk: str) -> HttpResponse:
-    seconds = _seconds(request)
-    if isinstance(seconds, JsonResponse):
-        return seconds
-    response = await sync_to_async(_detail)(request, pk=pk)
-    if seconds is None or response.status_code != 200:
-        return response
-    return await _answer(request, pk, seconds)
+def _job_id(response: HttpResponse) -> str | None:
+    if response.status_code not in (200, 201) or not response.get("Content-Type", "").startswith("application/json"):
+        return None
+    try:
+        return json.loads(response.content).get("id")
+    except (ValueError, AttributeError):
+        return None
 
 
 async def _answer(request: HttpRequest, job_id: str, seconds: float) -> JsonResponse:
@@ -59,3 +54,30 @@ async def _answer(request: HttpRequest, job_id: str, seconds: float) -> JsonResp
     job = await streams.until_final(job, request.user.pk, seconds)
     data = await streams.in_database_thread(lambda: JobSerializer(job).data)()
     return JsonResponse(data, status=200 if job.is_final else 202, encoder=DjangoJSONEncoder)
+
+
+@sync_and_async_middleware
+def wait_for_jobs(get_response: Callable) -> Callable:
+    if iscoroutinefunction(get_response):
+
+        async def middleware(request: HttpRequest) -> HttpResponse:
+            seconds = _seconds(request)
+            if isinstance(seconds, JsonResponse):
+                return seconds
+            response = await get_response(request)
+            if seconds is None or (job_id := _job_id(response)) is None:
+                return response
+            return await _answer(request, job_id, seconds)
+
+        return markcoroutinefunction(middleware)
+
+    def sync_middleware(request: HttpRequest) -> HttpResponse:  # WSGI: a thread per request anyway
+        seconds = _seconds(request)
+        if isinstance(seconds, JsonResponse):
+            return seconds
+        response = get_response(request)
+        if seconds is None or (job_id := _job_id(response)) is None:
+            return response
+        return async_to_sync(_answer)(request, job_id, seconds)
+
+    return sync_middleware
