@@ -192,6 +192,8 @@ JOBS_MAX_PAYLOAD_BYTES = env.int("JOBS_MAX_PAYLOAD_BYTES", default=1024 * 1024)
 JOBS_MAX_REQUEST_BYTES = env.int("JOBS_MAX_REQUEST_BYTES", default=32 * 1024 * 1024)
 JOBS_MAX_BATCH = env.int("JOBS_MAX_BATCH", default=10_000)
 JOBS_SUBMIT_RATE = env.str("JOBS_SUBMIT_RATE", default="600/min")
+# Who may jump the queue is a policy: on, `high` and `critical` need the jobs.submit_critical permission.
+JOBS_RESTRICT_PRIORITY = env.bool("JOBS_RESTRICT_PRIORITY", default=False)
 JOBS_READ_RATE = env.str("JOBS_READ_RATE", default="6000/min")
 # Server-Sent Events streams a user may hold open at once, over every web process.
 JOBS_MAX_STREAMS_PER_USER = env.int("JOBS_MAX_STREAMS_PER_USER", default=20)

@@ -7,7 +7,7 @@ from django.http import HttpRequest
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 
-from apps.jobs import logs, services
+from apps.jobs import logs, services, waiting
 from apps.jobs.kinds import shown_payload
 from apps.jobs.models import Job, JobEvent
 
@@ -44,7 +44,13 @@ class JobAdmin(admin.ModelAdmin):
     list_select_related = ["owner"]
     inlines = [JobEventInline]
     actions = ["cancel_jobs", "replay_jobs", "replay_dead_letters"]
-    readonly_fields = [f.name for f in Job._meta.fields] + ["progress_bar", "outcome", "log_tail", "shown_payload"]
+    readonly_fields = [f.name for f in Job._meta.fields] + [
+        "progress_bar",
+        "outcome",
+        "log_tail",
+        "shown_payload",
+        "waiting_reason",
+    ]
     fieldsets = [
         (
             None,
@@ -57,6 +63,7 @@ class JobAdmin(admin.ModelAdmin):
                     "owner",
                     "progress_bar",
                     "progress_message",
+                    "waiting_reason",
                 ]
             },
         ),
@@ -116,6 +123,10 @@ class JobAdmin(admin.ModelAdmin):
             job.progress_message,
             job.progress,
         )
+
+    @admin.display(description="waiting")
+    def waiting_reason(self, job: Job) -> str:
+        return waiting.reason(job) or "-"
 
     @admin.display(description="payload")
     def shown_payload(self, job: Job) -> SafeString:

@@ -103,6 +103,7 @@ class Job(models.Model):
 
     class Meta:
         ordering = ["-created_at"]
+        permissions = [("submit_critical", "Can submit high and critical priority jobs (JOBS_RESTRICT_PRIORITY)")]
         indexes = [
             models.Index(fields=["owner", "-created_at"], name="job_owner_created"),
             models.Index(

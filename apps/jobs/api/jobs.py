@@ -14,7 +14,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.throttling import BaseThrottle
 
-from apps.jobs import logs, services
+from apps.jobs import logs, services, waiting
 from apps.jobs.api.serializers import (
     IDEMPOTENCY_KEY_MAX,
     BatchSubmitSerializer,
@@ -72,6 +72,11 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
 
     def get_throttles(self) -> list[BaseThrottle]:
         return [SubmitThrottle() if self.action in ("create", "batch") else ReadThrottle()]
+
+    def retrieve(self, request: Request, *args: object, **kwargs: object) -> Response:
+        """One job; one that has not started says why it waits (`waiting_reason`)."""
+        job = self.get_object()
+        return Response({**self.get_serializer(job).data, "waiting_reason": waiting.reason(job)})
 
     @extend_schema(
         request=JobSubmitSerializer,

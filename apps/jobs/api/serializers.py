@@ -5,6 +5,7 @@ from typing import Any
 from django.conf import settings
 from django.utils import timezone
 from rest_framework import serializers
+from rest_framework.exceptions import PermissionDenied
 
 from apps.jobs.dispatch import callback_url_problem
 from apps.jobs.kinds import KINDS, shown_payload
@@ -39,6 +40,17 @@ class JobSubmitSerializer(serializers.Serializer):
         if unknown:
             raise serializers.ValidationError({name: ["Unknown field."] for name in unknown})
         return attrs
+
+    def validate_priority(self, value: str) -> str:
+        """With JOBS_RESTRICT_PRIORITY, jumping the queue is a permission (`jobs.submit_critical`)."""
+        if settings.JOBS_RESTRICT_PRIORITY and value in (Priority.HIGH, Priority.CRITICAL):
+            request = self.context.get("request")
+            user = getattr(request, "user", None)
+            if user is None or not user.has_perm("jobs.submit_critical"):
+                raise PermissionDenied(
+                    f"A {value} priority needs the permission jobs.submit_critical (JOBS_RESTRICT_PRIORITY is on)."
+                )
+        return value
 
     def validate_timeout_seconds(self, value: int) -> int:
         if value > settings.JOBS_MAX_TIMEOUT_SECONDS:
