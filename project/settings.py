@@ -183,6 +183,16 @@ JOBS_STATS_HOURS_DAYS = env.int("JOBS_STATS_HOURS_DAYS", default=30)
 # /metrics: a bearer token, or basic auth "user:password" (or a staff user's API token).
 METRICS_TOKEN = env.str("METRICS_TOKEN", default="")
 METRICS_BASIC_AUTH = env.str("METRICS_BASIC_AUTH", default="")
+# Retention (apps/jobs/retention.py; days, 0 keeps for ever): finished jobs with their timeline, log and
+# artifacts; per kind ("ai_generate=7,build=14"); dead letters (kept longer: they wait for a replay);
+# uploads no unfinished job needs. Pruned by beat every JOBS_PRUNE_INTERVAL_SECONDS, in batches.
+JOBS_RETENTION_DAYS = env.int("JOBS_RETENTION_DAYS", default=30)
+JOBS_RETENTION_BY_KIND = {kind: int(days) for kind, days in env.dict("JOBS_RETENTION_BY_KIND", default={}).items()}
+JOBS_RETENTION_DEAD_LETTER_DAYS = env.int("JOBS_RETENTION_DEAD_LETTER_DAYS", default=90)
+UPLOAD_RETENTION_DAYS = env.int("UPLOAD_RETENTION_DAYS", default=30)
+JOBS_PRUNE_INTERVAL_SECONDS = env.float("JOBS_PRUNE_INTERVAL_SECONDS", default=300.0)
+JOBS_PRUNE_BATCH = env.int("JOBS_PRUNE_BATCH", default=1000)
+JOBS_PRUNE_STATEMENT_TIMEOUT_MS = env.int("JOBS_PRUNE_STATEMENT_TIMEOUT_MS", default=5000)
 # How many times a job may be put off by a 429 or a shared rate limit before that counts as an attempt.
 JOBS_MAX_DEFERRALS = env.int("JOBS_MAX_DEFERRALS", default=100)
 JOBS_PROGRESS_MIN_INTERVAL_SECONDS = env.float("JOBS_PROGRESS_MIN_INTERVAL_SECONDS", default=0.5)

@@ -15,7 +15,7 @@ from celery.beat import PersistentScheduler
 from django.conf import settings
 from django.db import close_old_connections, connection
 
-from apps.jobs import reconciler, stats
+from apps.jobs import reconciler, retention, stats
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +26,7 @@ class JobsMixin:
     """Runs the job platform's periodic work between beat's own ticks."""
 
     _next_reconcile = 0.0
+    _next_prune = 0.0
 
     def tick(self, *args: Any, **kwargs: Any) -> float:
         wait = super().tick(*args, **kwargs)
@@ -45,6 +46,9 @@ class JobsMixin:
                 stats.rollup()
             else:
                 reconciler.promote_due()
+            if now >= self._next_prune:
+                self._next_prune = now + settings.JOBS_PRUNE_INTERVAL_SECONDS
+                retention.prune()
         except Exception:
             # The database or the broker is away: try again at the next tick, on a new connection.
             log.exception("keeping jobs in step failed; trying again")

@@ -109,6 +109,12 @@ def record_reconcile(counts: dict[str, int]) -> None:
             pipe.execute()
 
 
+def pruned_totals() -> dict[str, int]:
+    from apps.jobs.retention import PRUNED_KEY
+
+    return {k.decode(): int(v) for k, v in live.client().hgetall(PRUNED_KEY).items()}
+
+
 def reconciler_totals() -> dict[str, int]:
     return {k.decode(): int(v) for k, v in live.client().hgetall(RECONCILER_KEY).items()}
 

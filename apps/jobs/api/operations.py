@@ -78,6 +78,10 @@ class _Collector:
         lost = stats.reconciler_totals().get("recovered", 0)
         yield CounterMetricFamily("conveyor_lease_losses", "Running jobs whose lease ran out", value=lost)
         yield GaugeMetricFamily("conveyor_workers", "Live workers", value=len(workers.alive()))
+        pruned = CounterMetricFamily("conveyor_pruned", "What retention removed", labels=["what"])
+        for what, n in sorted(stats.pruned_totals().items()):
+            pruned.add_metric([what], n)
+        yield pruned
 
 
 def _histograms() -> Any:
