@@ -307,6 +307,9 @@ MESSAGE_DESTINATION_BURST = env.int("MESSAGE_DESTINATION_BURST", default=5)
 MESSAGING_OWNER = env.str("MESSAGING_OWNER", default="conveyor-inbox")
 CONVERSATION_PERSONA = env.str("CONVERSATION_PERSONA", default="assistant")
 CONVERSATION_HISTORY_TOKENS = env.int("CONVERSATION_HISTORY_TOKENS", default=2000)
+# At most this many inbound messages an hour from one sender are answered (each costs a model call); the
+# rest are kept, unanswered. 0: no limit.
+MESSAGE_INBOUND_PER_HOUR = env.int("MESSAGE_INBOUND_PER_HOUR", default=60)
 TWILIO_ACCOUNT_SID = env.str("TWILIO_ACCOUNT_SID", default="")
 TWILIO_AUTH_TOKEN = env.str("TWILIO_AUTH_TOKEN", default="")
 TWILIO_FROM_NUMBER = env.str("TWILIO_FROM_NUMBER", default="")

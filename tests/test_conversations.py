@@ -357,3 +357,20 @@ def test_a_line_break_smuggled_into_in_reply_to_never_reaches_our_reply(worker, 
     assert [e.rcpt_tos for e in smtp.envelopes] == [["eve@example.test"]]
     assert "victim" not in reply.as_string()
     assert reply["In-Reply-To"] == "<m1@example.test>"
+
+
+@pytest.mark.django_db
+def test_a_flood_from_one_sender_is_kept_but_not_answered(settings) -> None:
+    settings.MESSAGE_INBOUND_PER_HOUR = 3
+    sender = f"+1555888{uuid.uuid4().int % 10000:04d}"
+    for n in range(5):
+        assert twilio_post(SMS_URL, inbound_sms(sender, f"message {n}")).status_code == 200
+
+    messages = list(Message.objects.filter(conversation__their_address=sender).order_by("created_at"))
+    assert len(messages) == 5  # every one stored
+    assert [m.status for m in messages[3:]] == ["handled", "handled"]
+    assert all("over 3 messages an hour" in m.error for m in messages[3:])
+    assert all(m.status in ("received", "answering") for m in messages[:3])  # queued for an answer
+    other = inbound_sms("+15557770099", "hello")  # another sender is not held back
+    assert twilio_post(SMS_URL, other).status_code == 200
+    assert Message.objects.get(external_id=other["MessageSid"]).status != "handled"

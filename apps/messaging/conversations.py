@@ -10,6 +10,7 @@ continues the chain from there.
 """
 
 import logging
+import time
 from typing import Any
 from uuid import UUID
 
@@ -17,7 +18,7 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db import IntegrityError, transaction
 
-from apps.jobs import ai_requests
+from apps.jobs import ai_requests, live
 from apps.jobs.kinds import MESSAGE_TEXT_MAX, AIGeneratePayload
 from apps.jobs.lifecycle import storable
 from apps.jobs.models import Job
@@ -89,8 +90,29 @@ def receive(
             message.status, message.error = Message.Status.HANDLED, "no text to answer"
             message.save(update_fields=["status", "error"])
             return message
+        if _too_many(channel, their_address):  # each answer costs a model call: a flood is kept, unanswered
+            message.status = Message.Status.HANDLED
+            message.error = f"not answered: over {settings.MESSAGE_INBOUND_PER_HOUR} messages an hour from this sender"
+            message.save(update_fields=["status", "error"])
+            return message
         advance(conversation.pk)
     return message
+
+
+def _too_many(channel: str, sender: str) -> bool:
+    """Whether a sender is over MESSAGE_INBOUND_PER_HOUR answered messages in the current hour (a
+    counter in Redis per sender and hour, shared by every web process). 0: no limit."""
+    limit = settings.MESSAGE_INBOUND_PER_HOUR
+    if not limit:
+        return False
+    key = f"conveyor:inbound:{channel}:{sender}:{int(time.time() // 3600)}"
+    try:
+        with live.client().pipeline() as pipe:
+            count, _ = pipe.incr(key).expire(key, 3700).execute()
+    except Exception:  # Redis away: answer rather than drop
+        log.warning("inbound rate of %s %s unknown (Redis unreachable)", channel, sender, exc_info=True)
+        return False
+    return count > limit
 
 
 def _keyword(message: Message) -> bool:
