@@ -193,6 +193,7 @@ UPLOAD_RETENTION_DAYS = env.int("UPLOAD_RETENTION_DAYS", default=30)
 JOBS_PRUNE_INTERVAL_SECONDS = env.float("JOBS_PRUNE_INTERVAL_SECONDS", default=300.0)
 JOBS_PRUNE_BATCH = env.int("JOBS_PRUNE_BATCH", default=1000)
 JOBS_PRUNE_STATEMENT_TIMEOUT_MS = env.int("JOBS_PRUNE_STATEMENT_TIMEOUT_MS", default=5000)
+JOBS_PRUNE_MAX_SECONDS = env.float("JOBS_PRUNE_MAX_SECONDS", default=0.5)  # per run: beat's tick is shared
 # How many times a job may be put off by a 429 or a shared rate limit before that counts as an attempt.
 JOBS_MAX_DEFERRALS = env.int("JOBS_MAX_DEFERRALS", default=100)
 JOBS_PROGRESS_MIN_INTERVAL_SECONDS = env.float("JOBS_PROGRESS_MIN_INTERVAL_SECONDS", default=0.5)

@@ -66,13 +66,23 @@ def run_job(self, job_id: str) -> str | None:
     return execution.run(job_id, task_id=self.request.id or "", worker=self.request.hostname or "")
 
 
+def _job_id_of(task_id: str | None) -> uuid.UUID | None:
+    """The job's id for a submit task: the task's id, or (an id that is not a UUID) one derived from it."""
+    if not task_id:
+        return None
+    try:
+        return uuid.UUID(task_id)
+    except ValueError:
+        return uuid.uuid5(uuid.NAMESPACE_URL, f"conveyor.submit:{task_id}")
+
+
 @shared_task(name=SUBMIT, bind=True, acks_late=True)
 def submit(self: Any, kind: str, payload: dict, owner: str, **fields: Any) -> str:
     """A job submitted over the broker, by any Celery client: `celery -A project call conveyor.submit
     --kwargs '{"kind": "echo", "payload": {...}, "owner": "alice"}'` or `app.send_task(...)`. The API's
     validation and the same row-first path; the job's id is this task's id (what `celery call`
     prints), so a message delivered twice makes one job. A refused submission is logged, with why."""
-    job_id = uuid.UUID(self.request.id) if self.request.id else None
+    job_id = _job_id_of(self.request.id)
     try:
         job, created = services.submit_as(owner, {"kind": kind, "payload": payload, **fields}, job_id=job_id)
     except services.SubmissionRefused as exc:
@@ -141,14 +151,17 @@ def _announce_the_worker(sender: Any, **kwargs: Any) -> None:
             except Exception:  # Redis away: said again at the next beat
                 log.debug("could not announce worker %s", name, exc_info=True)
             stop.wait(settings.JOBS_HEARTBEAT_SECONDS)
+        with contextlib.suppress(Exception):  # after the last announcement, never before it
+            workers.withdraw(name)
+
+    thread = threading.Thread(target=beat, name="conveyor-announce", daemon=True)
 
     def withdraw(**_: Any) -> None:
         stop.set()
-        with contextlib.suppress(Exception):
-            workers.withdraw(name)
+        thread.join(timeout=5)
 
     worker_shutdown.connect(withdraw, weak=False)
-    threading.Thread(target=beat, name="conveyor-announce", daemon=True).start()
+    thread.start()
 
 
 @worker_ready.connect

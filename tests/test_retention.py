@@ -39,16 +39,20 @@ def test_pruning_removes_only_what_is_old_with_its_files(settings) -> None:
     dead_old = aged(make_job(owner, "failed"), 100)
     unfinished = make_job(owner, "running")
     Job.objects.filter(pk=unfinished.pk).update(created_at=timezone.now() - timedelta(days=400))
-    stale_upload, needed_upload = make_upload(owner), make_upload(owner)
-    Upload.objects.filter(pk__in=[stale_upload.pk, needed_upload.pk]).update(
+    stale_upload, needed_upload, replayable_upload = make_upload(owner), make_upload(owner), make_upload(owner)
+    Upload.objects.filter(pk__in=[stale_upload.pk, needed_upload.pk, replayable_upload.pk]).update(
         created_at=timezone.now() - timedelta(days=40)
     )
     make_job(owner, "queued", kind="test", payload={"source": {"upload": str(needed_upload.pk)}})
+    # a dead letter kept for its replay keeps the upload it reads
+    dead_tool = aged(
+        make_job(owner, "failed", kind="test", payload={"source": {"upload": str(replayable_upload.pk)}}), 40
+    )
 
-    counts = retention.prune()
+    counts = retention.prune(budget=60)
 
     gone = [*old, built, ai_old_for_its_kind, dead_old]
-    kept = [recent, echo_as_old, dead_recent, unfinished]
+    kept = [recent, echo_as_old, dead_recent, unfinished, dead_tool]
     assert not Job.objects.filter(pk__in=[job.pk for job in gone]).exists()
     assert Job.objects.filter(pk__in=[job.pk for job in kept]).count() == len(kept)
     assert not JobEvent.objects.filter(job_id__in=[job.pk for job in gone]).exists()  # the timeline went too
@@ -56,8 +60,9 @@ def test_pruning_removes_only_what_is_old_with_its_files(settings) -> None:
     assert not Upload.objects.filter(pk=stale_upload.pk).exists()
     assert not default_storage.exists(stale_upload.file.name)
     assert Upload.objects.filter(pk=needed_upload.pk).exists()  # an unfinished job needs it
+    assert Upload.objects.filter(pk=replayable_upload.pk).exists()
     assert counts == {"jobs": len(gone), "artifacts": 1, "uploads": 1, "files": 2}
-    assert retention.prune() == {}  # nothing left to prune
+    assert retention.prune(budget=60) == {}  # nothing left to prune
 
     scraped = APIClient().get("/metrics", HTTP_AUTHORIZATION="Bearer metrics-token").content.decode()
     samples = {(s.name, tuple(s.labels.values())): s.value
@@ -72,7 +77,17 @@ def test_only_one_beat_prunes_at_a_time(settings) -> None:
     try:
         owner = make_user()
         job = aged(make_job(owner, "succeeded"), 400)
-        assert retention.prune() == {}
+        assert retention.prune(budget=60) == {}
         assert Job.objects.filter(pk=job.pk).exists()
+
     finally:
         live.client().delete(retention.LOCK)
+
+
+def test_a_run_out_of_time_stops_and_says_so(settings) -> None:
+    settings.JOBS_PRUNE_BATCH = 1
+    owner = make_user()
+    jobs = [aged(make_job(owner, "succeeded"), 400) for _ in range(3)]
+    assert retention.prune(budget=0) == {"unfinished_runs": 1}  # beat's tick is not held up
+    assert Job.objects.filter(pk__in=[job.pk for job in jobs]).count() == 3
+    assert retention.prune(budget=60)["jobs"] == 3

@@ -10,6 +10,8 @@ UPLOAD_RETENTION_DAYS for uploads."""
 
 import contextlib
 import logging
+import time
+import uuid
 from collections import Counter
 from datetime import datetime, timedelta
 
@@ -19,13 +21,14 @@ from django.utils import timezone
 
 from apps.jobs import live
 from apps.jobs.kinds import KINDS
-from apps.jobs.models import ACTIVE_STATUSES, FINAL_STATUSES, Artifact, Job, Upload
+from apps.jobs.models import FINAL_STATUSES, Artifact, Job, Status, Upload
 
 log = logging.getLogger(__name__)
 
 LOCK = "conveyor:prune:lock"
 PRUNED_KEY = "conveyor:stats:pruned"
 MAX_BATCHES = 50  # per run: the rest is the next run's
+TOOL_KINDS = ("build", "test", "lint")
 
 
 def _days_for(kind: str) -> int:
@@ -42,15 +45,27 @@ def _bounded() -> object:
         yield
 
 
-def prune(now: datetime | None = None) -> dict[str, int]:
-    """One run, if no other beat runs one: returns what was removed (jobs, artifacts, uploads, files)."""
+class _OutOfTime(Exception):
+    pass
+
+
+def prune(now: datetime | None = None, *, budget: float | None = None) -> dict[str, int]:
+    """One run, if no other beat runs one: returns what was removed (jobs, artifacts, uploads, files).
+    It stops after `budget` seconds (JOBS_PRUNE_MAX_SECONDS: beat's tick also starts scheduled jobs),
+    leaving the rest to the next run; `done` in the counts is 0 then."""
     client = live.client()
-    if not client.set(LOCK, "1", nx=True, ex=max(60, int(settings.JOBS_PRUNE_INTERVAL_SECONDS))):
+    token = uuid.uuid4().hex
+    if not client.set(LOCK, token, nx=True, ex=max(60, int(settings.JOBS_PRUNE_INTERVAL_SECONDS))):
         return {}
+    deadline = time.monotonic() + (settings.JOBS_PRUNE_MAX_SECONDS if budget is None else budget)
+    counts: Counter = Counter()
     try:
-        counts = _prune(now or timezone.now())
+        _prune(counts, now or timezone.now(), deadline)
+    except _OutOfTime:
+        counts["unfinished_runs"] += 1
     finally:
-        client.delete(LOCK)
+        if client.get(LOCK) == token.encode():  # never another beat's lock
+            client.delete(LOCK)
     if any(counts.values()):
         log.info("pruned: %s", dict(counts))
         with client.pipeline(transaction=False) as pipe:
@@ -60,22 +75,22 @@ def prune(now: datetime | None = None) -> dict[str, int]:
     return dict(counts)
 
 
-def _prune(now: datetime) -> Counter:
-    counts: Counter = Counter()
+def _prune(counts: Counter, now: datetime, deadline: float) -> None:
     for kind in KINDS:
         days = _days_for(kind)
         if days:
-            _prune_jobs(counts, kind, now - timedelta(days=days), dead_letters=False)
+            _prune_jobs(counts, kind, now - timedelta(days=days), deadline, dead_letters=False)
         dead_days = max(days, settings.JOBS_RETENTION_DEAD_LETTER_DAYS) if days else 0
         if dead_days:
-            _prune_jobs(counts, kind, now - timedelta(days=dead_days), dead_letters=True)
+            _prune_jobs(counts, kind, now - timedelta(days=dead_days), deadline, dead_letters=True)
     if settings.UPLOAD_RETENTION_DAYS:
-        _prune_uploads(counts, now - timedelta(days=settings.UPLOAD_RETENTION_DAYS))
-    return counts
+        _prune_uploads(counts, now - timedelta(days=settings.UPLOAD_RETENTION_DAYS), deadline)
 
 
-def _prune_jobs(counts: Counter, kind: str, before: datetime, *, dead_letters: bool) -> None:
+def _prune_jobs(counts: Counter, kind: str, before: datetime, deadline: float, *, dead_letters: bool) -> None:
     for _ in range(MAX_BATCHES):
+        if time.monotonic() > deadline:
+            raise _OutOfTime
         with _bounded():
             ids = list(
                 Job.objects.filter(
@@ -88,22 +103,31 @@ def _prune_jobs(counts: Counter, kind: str, before: datetime, *, dead_letters: b
                 return
             files = list(Artifact.objects.filter(job_id__in=ids).values_list("file", flat=True))
             counts["artifacts"] += len(files)
-            counts["jobs"] += Job.objects.filter(pk__in=ids).delete()[1].get("jobs.Job", 0)
+            # only("pk"): a job's payload and result (up to a megabyte each) are never loaded to go
+            counts["jobs"] += Job.objects.filter(pk__in=ids).only("pk").delete()[1].get("jobs.Job", 0)
             transaction.on_commit(lambda files=files: _remove_files(counts, files))
         if len(ids) < settings.JOBS_PRUNE_BATCH:
             return
 
 
-def _prune_uploads(counts: Counter, before: datetime) -> None:
-    needed = {
+def _needed_uploads() -> set[str]:
+    """Uploads a kept tool job may still read: unfinished ones, and finished ones but succeeded (a
+    failed, timed-out or cancelled job may be replayed, dead letters for JOBS_RETENTION_DEAD_LETTER_DAYS)."""
+    return {
         source["upload"]
-        for source in Job.objects.filter(status__in=ACTIVE_STATUSES, kind__in=("build", "test", "lint")).values_list(
-            "payload__source", flat=True
-        )
+        for source in Job.objects.filter(kind__in=TOOL_KINDS)
+        .exclude(status=Status.SUCCEEDED)
+        .values_list("payload__source", flat=True)
         if isinstance(source, dict) and source.get("upload")
     }
+
+
+def _prune_uploads(counts: Counter, before: datetime, deadline: float) -> None:
     for _ in range(MAX_BATCHES):
+        if time.monotonic() > deadline:
+            raise _OutOfTime
         with _bounded():
+            needed = _needed_uploads()  # looked at again in each batch's transaction
             old = list(
                 Upload.objects.filter(created_at__lt=before)
                 .exclude(pk__in=needed)

@@ -47,8 +47,10 @@ class JobsMixin:
             else:
                 reconciler.promote_due()
             if now >= self._next_prune:
-                self._next_prune = now + settings.JOBS_PRUNE_INTERVAL_SECONDS
-                retention.prune()
+                pruned = retention.prune()
+                # a run out of time goes on at the next tick but one; else at the next interval
+                again = 1.0 if pruned.get("unfinished_runs") else settings.JOBS_PRUNE_INTERVAL_SECONDS
+                self._next_prune = now + again
         except Exception:
             # The database or the broker is away: try again at the next tick, on a new connection.
             log.exception("keeping jobs in step failed; trying again")

@@ -71,9 +71,14 @@ def submit_job(owner: AbstractBaseUser, spec: dict[str, Any], *, job_id: UUID | 
                 return duplicate, False
             lifecycle.create_jobs([job])
     except IntegrityError:
-        # Two requests raced with the same key; the other one created it.
+        # Two requests raced with the same key (or two deliveries of one submission with its id).
         if key and (existing := Job.objects.by_idempotency_key(owner, key).first()):
             return existing, False
+        if job_id is not None:
+            if existing := Job.objects.filter(pk=job_id, owner=owner).first():
+                return existing, False
+            if Job.objects.filter(pk=job_id).exists():  # another user's job has this id
+                raise SubmissionRefused({"id": [f"{job_id} is taken."]}) from None
         raise
     return job, True
 

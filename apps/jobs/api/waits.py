@@ -9,19 +9,24 @@ async-capable, no thread is held while a request waits, and a wait counts as one
 streams (JOBS_MAX_STREAMS_PER_USER). Requests without `wait` pass straight through."""
 
 import json
+import logging
 import re
+import time
 from collections.abc import Callable
 
-from asgiref.sync import async_to_sync, iscoroutinefunction, markcoroutinefunction
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.conf import settings
 from django.core.serializers.json import DjangoJSONEncoder
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.utils.decorators import sync_and_async_middleware
+from redis.exceptions import RedisError
 
 from apps.jobs import streams
 from apps.jobs.api.serializers import JobSerializer
 from apps.jobs.models import Job
 
+log = logging.getLogger(__name__)
+POLL_SECONDS = 0.1
 WAITABLE = re.compile(r"^/api/jobs/(?:[0-9a-fA-F-]{36}/)?$")
 
 
@@ -51,9 +56,23 @@ def _job_id(response: HttpResponse) -> str | None:
 
 async def _answer(request: HttpRequest, job_id: str, seconds: float) -> JsonResponse:
     job = await streams.in_database_thread(lambda: Job.objects.select_related("owner").get(pk=job_id))()
-    job = await streams.until_final(job, request.user.pk, seconds)
+    try:
+        job = await streams.until_final(job, request.user.pk, seconds)
+    except (RedisError, OSError):  # live events unreachable: the job exists; answer with it as it stands
+        log.warning("?wait= on job %s: live events unreachable, answering at once", job_id, exc_info=True)
+        job = await streams.in_database_thread(lambda: Job.objects.select_related("owner").get(pk=job_id))()
     data = await streams.in_database_thread(lambda: JobSerializer(job).data)()
     return JsonResponse(data, status=200 if job.is_final else 202, encoder=DjangoJSONEncoder)
+
+
+def _answer_polling(job_id: str, seconds: float) -> JsonResponse:
+    """Under WSGI (a thread per request anyway): read the row until it is final or the wait is over."""
+    deadline = time.monotonic() + seconds
+    job = Job.objects.select_related("owner").get(pk=job_id)
+    while not job.is_final and time.monotonic() < deadline:
+        time.sleep(min(POLL_SECONDS, max(0.0, deadline - time.monotonic())))
+        job.refresh_from_db()
+    return JsonResponse(JobSerializer(job).data, status=200 if job.is_final else 202, encoder=DjangoJSONEncoder)
 
 
 @sync_and_async_middleware
@@ -71,13 +90,13 @@ def wait_for_jobs(get_response: Callable) -> Callable:
 
         return markcoroutinefunction(middleware)
 
-    def sync_middleware(request: HttpRequest) -> HttpResponse:  # WSGI: a thread per request anyway
+    def sync_middleware(request: HttpRequest) -> HttpResponse:  # WSGI (and the test client): polls
         seconds = _seconds(request)
         if isinstance(seconds, JsonResponse):
             return seconds
         response = get_response(request)
         if seconds is None or (job_id := _job_id(response)) is None:
             return response
-        return async_to_sync(_answer)(request, job_id, seconds)
+        return _answer_polling(job_id, seconds)
 
     return sync_middleware
