@@ -55,6 +55,14 @@ def test_stats_and_metrics_equal_the_rows(settings) -> None:
     assert scraped[("conveyor_jobs", (("queue", "default"), ("status", "running")))] == 1
     assert scraped[("conveyor_dead_letters", ())] == 2
     assert scraped[("conveyor_job_run_seconds_count", (("kind", "echo"),))] == 4  # the cancelled one never ran
+    buckets = sorted(
+        (float(dict(labels)["le"]), value)
+        for (name, labels), value in scraped.items()
+        if name == "conveyor_job_run_seconds_bucket" and dict(labels)["kind"] == "echo"
+    )
+    assert len(buckets) == 22  # the same bounds for every kind and every scrape, and +Inf
+    assert [value for _, value in buckets] == sorted(value for _, value in buckets)  # cumulative
+    assert buckets[-1] == (float("inf"), 4)
 
 
 def test_metrics_and_stats_need_their_credentials(settings, api) -> None:

@@ -84,6 +84,11 @@ class _Collector:
         yield pruned
 
 
+# The histograms' bounds on /metrics, the same for every kind and every scrape (Prometheus adds up
+# buckets by their `le`): 1 ms to about 17 minutes, doubling. The roll-up's buckets are four times finer.
+BOUNDS = list(range(0, 21))  # 2**k milliseconds
+
+
 def _histograms() -> Any:
     rows = JobTiming.objects.filter(hour=stats.ALL_TIME).order_by("kind", "metric", "bucket")
     grouped: dict[tuple[str, str], list[tuple[int, int]]] = {}
@@ -94,12 +99,12 @@ def _histograms() -> Any:
         "run": HistogramMetricFamily("conveyor_job_run_seconds", "Started to finished", labels=["kind"]),
     }
     for (kind, metric), buckets in grouped.items():
-        cumulative, total, out = 0, 0.0, []
-        for bucket, n in buckets:
-            cumulative += n
-            total += n * stats.bucket_upper(bucket)  # an upper bound of the sum
-            out.append((f"{stats.bucket_upper(bucket):.6g}", cumulative))
-        out.append(("+Inf", cumulative))
+        total = sum(n * stats.bucket_upper(bucket) for bucket, n in buckets)  # an upper bound of the sum
+        out = [
+            (f"{2**k / 1000:.6g}", sum(n for bucket, n in buckets if bucket <= stats.BUCKETS_PER_DOUBLING * k))
+            for k in BOUNDS
+        ]
+        out.append(("+Inf", sum(n for _, n in buckets)))
         families[metric].add_metric([kind], out, sum_value=total)
     yield from families.values()
 
