@@ -31,6 +31,7 @@ def test_a_wait_that_runs_out_answers_202_with_the_job_as_it_stands(api, worker)
 
     assert response.status_code == 202
     assert response.json()["status"] in ("queued", "running")
+    assert "waiting_reason" in response.json()  # as a job's page shows it (None once it runs)
     assert 0.4 < time.monotonic() - started < 4
 
 

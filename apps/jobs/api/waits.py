@@ -21,7 +21,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.utils.decorators import sync_and_async_middleware
 from redis.exceptions import RedisError
 
-from apps.jobs import streams
+from apps.jobs import streams, waiting
 from apps.jobs.api.serializers import JobSerializer
 from apps.jobs.models import Job
 
@@ -61,7 +61,7 @@ async def _answer(request: HttpRequest, job_id: str, seconds: float) -> JsonResp
     except (RedisError, OSError):  # live events unreachable: the job exists; answer with it as it stands
         log.warning("?wait= on job %s: live events unreachable, answering at once", job_id, exc_info=True)
         job = await streams.in_database_thread(lambda: Job.objects.select_related("owner").get(pk=job_id))()
-    data = await streams.in_database_thread(lambda: JobSerializer(job).data)()
+    data = await streams.in_database_thread(lambda: _shown(job))()
     return JsonResponse(data, status=200 if job.is_final else 202, encoder=DjangoJSONEncoder)
 
 
@@ -72,7 +72,12 @@ def _answer_polling(job_id: str, seconds: float) -> JsonResponse:
     while not job.is_final and time.monotonic() < deadline:
         time.sleep(min(POLL_SECONDS, max(0.0, deadline - time.monotonic())))
         job.refresh_from_db()
-    return JsonResponse(JobSerializer(job).data, status=200 if job.is_final else 202, encoder=DjangoJSONEncoder)
+    return JsonResponse(_shown(job), status=200 if job.is_final else 202, encoder=DjangoJSONEncoder)
+
+
+def _shown(job: Job) -> dict:
+    """The job as `GET /api/jobs/{id}/` shows it, with why it still waits."""
+    return {**JobSerializer(job).data, "waiting_reason": waiting.reason(job)}
 
 
 @sync_and_async_middleware
