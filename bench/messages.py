@@ -88,7 +88,7 @@ if __name__ == "__main__" and sys.argv[1:2] == ["--serve"]:
     serve(sys.argv[2], sys.argv[3:])
     raise SystemExit(0)
 
-from bench.throughput import CPU, R, prepare, reset, wait  # first: it sets Django up
+from bench.throughput import CPU, R, prepare, reset, used, wait  # first: it sets Django up
 
 import psutil
 from celery import current_app, shared_task
@@ -224,16 +224,6 @@ class WorkersCPU(CPU):
         self.workers = [psutil.Process(worker.pid) for worker in workers]
 
     def _sample(self) -> dict[str, float]:
-        def used(processes) -> float:
-            total = 0.0
-            for process in processes:
-                try:
-                    times = process.cpu_times()
-                except psutil.Error:
-                    continue
-                total += times.user + times.system
-            return total
-
         sample = super()._sample()
         sample["worker main"] = used(self.workers)
         sample["pool"] = used([child for worker in self.workers for child in worker.children(recursive=True)])

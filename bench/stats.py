@@ -7,43 +7,35 @@ rows are written once with COPY and kept for the next run (BENCH_STATS_REFILL=1 
 Requests go through the real views in-process (Django's test client: no HTTP, the views' own work).
 """
 
+# ruff: noqa: I001 (bench.throughput must be imported first: it configures Django)
 import logging
 import os
 import random
 import statistics
-import subprocess
 import sys
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-os.environ.update(
-    DJANGO_SETTINGS_MODULE="project.settings",
-    SECRET_KEY=os.environ.get("SECRET_KEY", "bench-only"),
-    DATABASE_URL=os.environ.get("BENCH_STATS_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/conveyor_bench_stats"),
-    REDIS_URL=os.environ.get("BENCH_STATS_REDIS_URL", "redis://127.0.0.1:6379/13"),
-    ALLOWED_HOSTS="testserver",
-    LOG_LEVEL="WARNING",
-    JOBS_READ_RATE="100000000/min",
-    METRICS_TOKEN="bench-metrics",
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# bench/throughput.py sets Django up; this benchmark's own database and Redis database (its rows kept)
+os.environ["BENCH_DATABASE_URL"] = os.environ.get(
+    "BENCH_STATS_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/conveyor_bench_stats"
 )
-os.environ.pop("CELERY_BROKER_URL", None)
+os.environ["BENCH_REDIS_URL"] = os.environ.get("BENCH_STATS_REDIS_URL", "redis://127.0.0.1:6379/13")
+os.environ.update(JOBS_READ_RATE="100000000/min", METRICS_TOKEN="bench-metrics")
 
-import django  # noqa: E402
+from bench.throughput import ensure_database  # first: it sets Django up
 
-django.setup()
+import django
+from django.contrib.auth.models import User
+from django.db import connection
+from rest_framework.authtoken.models import Token
+from rest_framework.test import APIClient
 
-from django.contrib.auth.models import User  # noqa: E402
-from django.core.management import call_command  # noqa: E402
-from django.db import connection  # noqa: E402
-from rest_framework.authtoken.models import Token  # noqa: E402
-from rest_framework.test import APIClient  # noqa: E402
-
-from apps.jobs import stats  # noqa: E402
-from apps.jobs.models import Job, StatsCursor  # noqa: E402
+from apps.jobs import stats
+from apps.jobs.models import Job, StatsCursor
 
 N = int(os.environ.get("BENCH_STATS_N", "1000000"))
 SAMPLES = int(os.environ.get("BENCH_STATS_SAMPLES", "50"))
@@ -54,15 +46,6 @@ COLUMNS = ["id", "owner_id", "kind", "priority", "status", "payload", "progress"
            "max_attempts", "timeout_seconds", "callback_url", "dedupe_key", "dead_lettered", "created_at",
            "queued_at", "started_at", "finished_at", "worker", "queue", "task_id", "process", "handbacks",
            "deferrals"]  # fmt: skip
-
-
-def ensure_database() -> None:
-    name = connection.settings_dict["NAME"]
-    try:
-        connection.ensure_connection()
-    except Exception:
-        subprocess.run(["psql", "-h", "127.0.0.1", "-U", "postgres", "-c", f"CREATE DATABASE {name}"], check=True)
-    call_command("migrate", verbosity=0)
 
 
 def fill(owner: User) -> None:

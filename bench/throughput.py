@@ -96,6 +96,18 @@ def stop_worker(worker: subprocess.Popen) -> None:
         time.sleep(0.2)
 
 
+def used(processes) -> float:
+    """CPU seconds (user and system) the processes have spent; one that is gone counts nothing."""
+    total = 0.0
+    for process in processes:
+        try:
+            times = process.cpu_times()
+        except psutil.Error:
+            continue
+        total += times.user + times.system
+    return total
+
+
 class CPU:
     """CPU time used by the worker's main process, its pool processes, PostgreSQL, Redis and this
     process (the submission) over a measurement, for where a job's time goes."""
@@ -106,16 +118,6 @@ class CPU:
         self.spent: dict[str, float] = {}
 
     def _sample(self) -> dict[str, float]:
-        def used(processes) -> float:
-            total = 0.0
-            for process in processes:
-                try:
-                    times = process.cpu_times()
-                except psutil.Error:
-                    continue
-                total += times.user + times.system
-            return total
-
         named = {"postgres": [], "redis": []}
         for process in psutil.process_iter(["name"]):
             for prefix in named:

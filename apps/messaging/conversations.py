@@ -19,7 +19,7 @@ from django.contrib.auth import get_user_model
 from django.db import IntegrityError, transaction
 
 from apps.jobs import ai_requests, live
-from apps.jobs.kinds import MESSAGE_TEXT_MAX, AIGeneratePayload
+from apps.jobs.kinds import MESSAGE_TEXT_MAX, AIGeneratePayload, persona_name_problem
 from apps.jobs.lifecycle import storable
 from apps.jobs.models import Job
 from apps.jobs.services import submit_job
@@ -222,15 +222,9 @@ def _reply_spec(conversation: Conversation, inbound: Message, text: str, parent:
             payload["references"] = inbound.references
     elif channel == Channel.DISCORD and conversation.persona:
         persona = ai_requests.personas().get(conversation.persona)
-        if persona is not None and not _name_problem(persona.name):
+        if persona is not None and not persona_name_problem(persona.name):
             payload["persona"] = persona.name
     return {"kind": "message", "payload": payload, "parent": parent}
-
-
-def _name_problem(name: str) -> str:
-    from apps.jobs.kinds import persona_name_problem
-
-    return persona_name_problem(name)
 
 
 def on_job_finished(sender: Any, job: Job, **kwargs: Any) -> None:

@@ -2,6 +2,9 @@
 
 from dataclasses import dataclass
 
+from django.conf import settings
+
+from tasks import interrupts
 from tasks.context import PermanentError, RateLimited, RetryableError
 
 
@@ -31,3 +34,9 @@ def by_status(status: int, message: str, *, wait: float | None = None) -> Except
     if 400 <= status < 500:
         return PermanentError(message)
     return RetryableError(message, retry_after=wait)
+
+
+def inline_wait() -> float:
+    """How long a rate-limit wait may be sat out in the attempt (MESSAGE_MAX_INLINE_WAIT_SECONDS, and
+    never into the attempt's last five seconds); a longer one puts the job off."""
+    return min(settings.MESSAGE_MAX_INLINE_WAIT_SECONDS, max(0.0, interrupts.time_left(3600) - 5))

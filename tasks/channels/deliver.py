@@ -10,7 +10,7 @@ from apps.jobs import ai_requests
 from apps.messaging import ledger
 from tasks import connections, interrupts
 from tasks.channels import discord_api, mail, ratelimit, sms
-from tasks.channels.common import Sent
+from tasks.channels.common import Sent, inline_wait
 from tasks.channels.splitting import split_discord, split_sms
 from tasks.context import Context, PermanentError, RateLimited
 
@@ -75,10 +75,6 @@ def _parts(payload: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     return [(text, {})]
 
 
-def _inline_wait() -> float:
-    return min(settings.MESSAGE_MAX_INLINE_WAIT_SECONDS, max(0.0, interrupts.time_left(3600) - 5))
-
-
 def _limits(channel: str, to: str, sender: str) -> list[ratelimit.Limit]:
     destination = ratelimit.Limit(
         f"{channel}:to:{to.lower()}", settings.MESSAGE_DESTINATION_RATE_PER_SECOND, settings.MESSAGE_DESTINATION_BURST
@@ -96,7 +92,7 @@ def _limits(channel: str, to: str, sender: str) -> list[ratelimit.Limit]:
 
 
 def _wait_for_limits(channel: str, to: str, sender: str) -> None:
-    wait = ratelimit.acquire(_limits(channel, to, sender), max_wait=_inline_wait(), sleep=interrupts.sleep)
+    wait = ratelimit.acquire(_limits(channel, to, sender), max_wait=inline_wait(), sleep=interrupts.sleep)
     if wait:
         raise RateLimited(f"the {channel} rate limit is reached: next slot in {wait:.1f}s", retry_after=wait)
 

@@ -23,7 +23,7 @@ from django.conf import settings
 from project.processes import per_process
 from tasks import interrupts
 from tasks.channels import ratelimit
-from tasks.channels.common import Sent
+from tasks.channels.common import Sent, inline_wait
 from tasks.context import PermanentError, RateLimited, RetryableError
 
 log = logging.getLogger(__name__)
@@ -129,15 +129,11 @@ def _wait_for_buckets(bucket: str) -> None:
     global limit per bot; waiting in the attempt while the wait is short, else putting the job off."""
     limits = [ratelimit.Limit(GLOBAL, settings.DISCORD_RATE_PER_SECOND, max(1, int(settings.DISCORD_RATE_PER_SECOND)))]
     while wait := ratelimit.reserve(bucket, GLOBAL):
-        if wait > _inline_wait():
+        if wait > inline_wait():
             raise RateLimited(f"Discord's rate limit for this route: next slot in {wait:.1f}s", retry_after=wait)
         interrupts.sleep(wait)
-    if wait := ratelimit.acquire(limits, max_wait=_inline_wait(), sleep=interrupts.sleep):
+    if wait := ratelimit.acquire(limits, max_wait=inline_wait(), sleep=interrupts.sleep):
         raise RateLimited(f"Discord's global rate limit: next slot in {wait:.1f}s", retry_after=wait)
-
-
-def _inline_wait() -> float:
-    return min(settings.MESSAGE_MAX_INLINE_WAIT_SECONDS, max(0.0, interrupts.time_left(3600) - 5))
 
 
 def _error(exc: BaseException) -> Exception:
