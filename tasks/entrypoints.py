@@ -15,7 +15,7 @@ from celery.worker.control import control_command, inspect_command
 from celery.worker.request import Request
 from django.conf import settings
 
-from apps.jobs import services, workers
+from apps.jobs import periodic, services, workers
 from apps.jobs.dispatch import CANCEL_COMMAND, DELIVER_CALLBACK, RUN_JOB
 from apps.jobs.reconciler import reconcile as reconcile_jobs
 from tasks import callbacks, execution
@@ -90,6 +90,14 @@ def submit(self: Any, kind: str, payload: dict, owner: str, **fields: Any) -> st
         raise
     log.info("conveyor.submit: job %s %s", job.pk, "created" if created else "already there")
     return str(job.pk)
+
+
+@shared_task(name=periodic.RUN_TEMPLATE, acks_late=True)
+def run_template(template_id: int) -> str | None:
+    """A periodic job's template, submitted for the current period (once per period, however often
+    this runs). Conveyor's beat submits templates itself; this serves any other beat."""
+    job = periodic.run(template_id)
+    return str(job.pk) if job else None
 
 
 @shared_task(name="conveyor.reconcile")

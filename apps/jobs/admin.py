@@ -1,17 +1,21 @@
 import json
 import uuid
+from typing import Any
 
+from django import forms
 from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
+from django.urls import reverse
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 
 from apps.jobs import logs, services, waiting
-from apps.jobs.kinds import shown_payload
-from apps.jobs.models import Job, JobEvent
+from apps.jobs.kinds import KINDS, shown_payload
+from apps.jobs.models import Job, JobEvent, JobTemplate
 
 LOG_TAIL_BYTES = 16 * 1024
+RESCHEDULABLE = ("run_at", "priority")
 
 
 class JobEventInline(admin.TabularInline):
@@ -24,6 +28,9 @@ class JobEventInline(admin.TabularInline):
 
     def has_add_permission(self, request: HttpRequest, obj: Job | None = None) -> bool:
         return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Job | None = None) -> bool:
+        return False  # the timeline is history: shown, never edited
 
 
 @admin.register(Job)
@@ -114,6 +121,20 @@ class JobAdmin(admin.ModelAdmin):
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False  # jobs are submitted through the API, which validates them
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Job | None = None) -> list[str]:
+        """A scheduled job's time and priority can be changed until it starts; nothing else."""
+        if obj is not None and obj.status == Job.Status.SCHEDULED:
+            return [name for name in self.readonly_fields if name not in RESCHEDULABLE]
+        return self.readonly_fields
+
+    def save_model(self, request: HttpRequest, obj: Job, form: Any, change: bool) -> None:
+        if not set(form.changed_data) & set(RESCHEDULABLE):
+            return
+        try:
+            services.reschedule_job(obj, obj.run_at, obj.priority)
+        except services.JobConflict as exc:
+            self.message_user(request, f"Not changed: {exc}.", messages.WARNING)
 
     @admin.display(description="progress")
     def progress_bar(self, job: Job) -> str:
@@ -222,3 +243,45 @@ def _table(headers: list[str], rows: list[tuple]) -> SafeString | str:
             "", "<tr>{}</tr>", ((format_html_join("", "<td>{}</td>", ((c,) for c in row)),) for row in rows)
         ),
     )
+
+
+class JobTemplateForm(forms.ModelForm):
+    kind = forms.ChoiceField(choices=[(name, name) for name in sorted(KINDS)])
+    callback_url = forms.URLField(required=False, max_length=500, assume_scheme="https")
+
+    class Meta:
+        model = JobTemplate
+        fields = [
+            "name", "owner", "enabled", "kind", "payload", "priority", "max_attempts", "timeout_seconds",
+            "callback_url", "crontab", "interval", "start_time",
+        ]  # fmt: skip
+
+
+@admin.register(JobTemplate)
+class JobTemplateAdmin(admin.ModelAdmin):
+    """Periodic jobs: what to submit, for whom, on which schedule (django-celery-beat's crontabs and
+    intervals, with their time zone). Saving checks the job as the API would."""
+
+    form = JobTemplateForm
+    list_display = ["name", "kind", "owner", "schedule", "enabled", "last_period", "last_job_link", "last_error"]
+    list_filter = ["enabled", "kind"]
+    search_fields = ["name"]
+    list_select_related = ["owner", "crontab", "interval"]
+    readonly_fields = ["last_period", "last_job_link", "last_error", "created_at", "updated_at"]
+    fieldsets = [
+        (None, {"fields": ["name", "owner", "enabled"]}),
+        ("Job", {"fields": ["kind", "payload", "priority", "max_attempts", "timeout_seconds", "callback_url"]}),
+        ("Schedule", {"fields": ["crontab", "interval", "start_time"]}),
+        ("Last period", {"fields": ["last_period", "last_job_link", "last_error", "created_at", "updated_at"]}),
+    ]
+
+    @admin.display(description="schedule")
+    def schedule(self, template: JobTemplate) -> str:
+        return str(template.crontab or template.interval or "-")
+
+    @admin.display(description="last job")
+    def last_job_link(self, template: JobTemplate) -> SafeString | str:
+        if not template.last_job:
+            return "-"
+        url = reverse("admin:jobs_job_change", args=[template.last_job])
+        return format_html('<a href="{}">{}</a>', url, template.last_job)

@@ -353,6 +353,14 @@ def promote(job: Job) -> bool:
     return won
 
 
+def reschedule(job: Job, run_at: datetime, priority: str) -> bool:
+    """Move a scheduled job's time (or priority) while it is still scheduled; beat promotes it when
+    its new time comes (at once, for a time already past)."""
+    return _transition(job, [Status.SCHEDULED], Status.SCHEDULED, event=Event.SCHEDULED,
+                       message=f"rescheduled for {run_at.isoformat()} ({priority} priority)",
+                       run_at=run_at, priority=priority)  # fmt: skip
+
+
 def redispatch(jobs: list[Job]) -> None:
     """Publish again jobs whose message was lost (their claim decides, should the old one turn up), at
     the head of their queue: they had waited their turn already."""

@@ -13,6 +13,7 @@ __all__ = [
     "Artifact",
     "Job",
     "JobEvent",
+    "JobTemplate",
     "LogChunk",
     "Priority",
     "Status",
@@ -292,3 +293,57 @@ class JobTotal(models.Model):
 
     def __str__(self) -> str:
         return f"{self.kind} {self.status}: {self.jobs}"
+
+
+class JobTemplate(models.Model):
+    """A job submitted on a schedule (periodic jobs): what to submit, for whom, and when. Saving it
+    keeps its django-celery-beat `PeriodicTask` in step (`apps.jobs.periodic`), which beat runs.
+
+    One job per period: its idempotency key names the template and the period, so a second beat, or a
+    beat restarted within the period, finds the period's job and submits nothing."""
+
+    name = models.CharField(max_length=150, unique=True)
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="job_templates")
+    kind = models.CharField(max_length=32)
+    payload = models.JSONField(default=dict, blank=True)
+    priority = models.CharField(max_length=8, choices=Priority.choices, default=Priority.NORMAL)
+    max_attempts = models.PositiveIntegerField(null=True, blank=True, help_text="The kind's default if empty.")
+    timeout_seconds = models.PositiveIntegerField(null=True, blank=True, help_text="The kind's default if empty.")
+    callback_url = models.URLField(max_length=2000, blank=True)
+    crontab = models.ForeignKey(
+        "django_celery_beat.CrontabSchedule",
+        on_delete=models.PROTECT,
+        null=True,
+        blank=True,
+        related_name="+",
+        help_text="Cron fields with a time zone; set this or an interval.",
+    )
+    interval = models.ForeignKey(
+        "django_celery_beat.IntervalSchedule",
+        on_delete=models.PROTECT,
+        null=True,
+        blank=True,
+        related_name="+",
+        help_text="Every N seconds/minutes/...: periods start at `start_time` (else the Unix epoch).",
+    )
+    start_time = models.DateTimeField(null=True, blank=True, help_text="No job before this time.")
+    enabled = models.BooleanField(default=True)
+    periodic_task = models.OneToOneField(
+        "django_celery_beat.PeriodicTask", on_delete=models.SET_NULL, null=True, blank=True, editable=False
+    )
+    last_period = models.DateTimeField(null=True, blank=True, editable=False)
+    last_job = models.UUIDField(null=True, blank=True, editable=False)
+    last_error = models.TextField(blank=True, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def clean(self) -> None:
+        from apps.jobs import periodic
+
+        periodic.clean(self)

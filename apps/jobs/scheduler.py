@@ -5,17 +5,21 @@ would wait for a free worker slot, behind the very jobs it is meant to look afte
 
 `CELERY_BEAT_SCHEDULER` names it, so `celery -A project beat` runs it. Two beats running by mistake
 are harmless to jobs: every transition is conditional, and a duplicate message finds its job claimed.
+
+Its schedule is django-celery-beat's (the database, edited in the admin): periodic jobs
+(`apps.jobs.periodic`) are submitted here, in beat's process, at their period's time; any other
+periodic task is sent to the workers as Celery's beat sends it.
 """
 
 import logging
 import time
 from typing import Any
 
-from celery.beat import PersistentScheduler
 from django.conf import settings
 from django.db import close_old_connections, connection
+from django_celery_beat.schedulers import DatabaseScheduler
 
-from apps.jobs import reconciler, retention, stats
+from apps.jobs import periodic, reconciler, retention, stats
 
 log = logging.getLogger(__name__)
 
@@ -57,5 +61,31 @@ class JobsMixin:
             connection.close()
 
 
-class Scheduler(JobsMixin, PersistentScheduler):
+class TemplatesMixin:
+    """Submits periodic jobs' templates in beat's process, and keeps their entries on their periods'
+    boundaries (an interval of Celery's beat counts from when it last ran, and drifts)."""
+
+    def reserve(self, entry: Any) -> Any:
+        new_entry = super().reserve(entry)
+        if new_entry.task == periodic.RUN_TEMPLATE:
+            period = periodic.period_of(new_entry.model, new_entry.last_run_at)
+            if period is not None:
+                new_entry.last_run_at = new_entry.model.last_run_at = period
+        return new_entry
+
+    def apply_async(self, entry: Any, producer: Any = None, advance: bool = True, **kwargs: Any) -> Any:
+        if entry.task != periodic.RUN_TEMPLATE:
+            return super().apply_async(entry, producer, advance, **kwargs)
+        if advance:
+            entry = self.reserve(entry)
+        close_old_connections()
+        try:
+            periodic.run(*entry.args)
+        except Exception:
+            log.exception("periodic job %s could not be submitted; at its next period, or beat's restart", entry.name)
+            connection.close()
+        return None
+
+
+class Scheduler(JobsMixin, TemplatesMixin, DatabaseScheduler):
     pass

@@ -166,6 +166,15 @@ def cancel_job(job: Job) -> Job:
     return job
 
 
+def reschedule_job(job: Job, run_at: Any, priority: str) -> Job:
+    """Change when a scheduled job starts (None: now) and its priority."""
+    if not lifecycle.reschedule(job, run_at or timezone.now(), priority):
+        job.refresh_from_db()
+        raise JobConflict(f"a {job.status} job cannot be rescheduled")
+    job.refresh_from_db()
+    return job
+
+
 def replay_job(job: Job) -> Job:
     """Queue a failed, timed-out or cancelled job again (this replays a dead-lettered job)."""
     if not lifecycle.replay(job.pk):
