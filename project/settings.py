@@ -206,6 +206,29 @@ JOBS_MAX_BATCH = env.int("JOBS_MAX_BATCH", default=10_000)
 JOBS_SUBMIT_RATE = env.str("JOBS_SUBMIT_RATE", default="600/min")
 # Who may jump the queue is a policy: on, `high` and `critical` need the jobs.submit_critical permission.
 JOBS_RESTRICT_PRIORITY = env.bool("JOBS_RESTRICT_PRIORITY", default=False)
+
+
+def _per_queue(name: str, text: str) -> dict[str, int]:
+    """A cap per queue from `text`: "4" (every queue), "builds=2,ai=8", or "4,builds=1" (which gives
+    {"*": 4, "builds": 1}); 0 is no cap."""
+    caps: dict[str, int] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        queue, _, number = item.rpartition("=")
+        queue = queue.strip() or "*"
+        if queue != "*" and queue not in JOBS_QUEUES:
+            raise ImproperlyConfigured(f"{name}: {queue!r} is not a queue ({', '.join(JOBS_QUEUES)})")
+        try:
+            caps[queue] = int(number)
+        except ValueError:
+            raise ImproperlyConfigured(f"{name}: {item!r} is not a number of jobs") from None
+        if caps[queue] < 0:
+            raise ImproperlyConfigured(f"{name}: {item!r} is below 0")
+    return caps
+
+
+# At most this many running jobs per user in a queue (a backlog waits its turn, held back from the
+# broker, so another user's job goes first); "4", "builds=2,ai=8" or "4,builds=1". Empty or 0: no cap.
+JOBS_USER_CONCURRENCY = _per_queue("JOBS_USER_CONCURRENCY", env.str("JOBS_USER_CONCURRENCY", default=""))
 JOBS_READ_RATE = env.str("JOBS_READ_RATE", default="6000/min")
 # Server-Sent Events streams a user may hold open at once, over every web process.
 JOBS_MAX_STREAMS_PER_USER = env.int("JOBS_MAX_STREAMS_PER_USER", default=20)
@@ -281,6 +304,8 @@ OPENAI_BASE_URL = env.str("OPENAI_BASE_URL", default="") or None
 ANTHROPIC_API_KEY = env.str("ANTHROPIC_API_KEY", default="")
 ANTHROPIC_BASE_URL = env.str("ANTHROPIC_BASE_URL", default="") or None
 AI_DEFAULT_MAX_TOKENS = env.int("AI_DEFAULT_MAX_TOKENS", default=1024)
+# Tokens (in and out) each user's jobs may use per UTC day on the server's keys (0: no budget).
+AI_USER_DAILY_TOKENS = env.int("AI_USER_DAILY_TOKENS", default=0)
 AI_REQUEST_TIMEOUT_SECONDS = env.float("AI_REQUEST_TIMEOUT_SECONDS", default=120.0)
 # An identical request while the first is queued or running, or succeeded this recently, gets that job.
 AI_DEDUPE_TTL = env.int("AI_DEDUPE_TTL", default=300)

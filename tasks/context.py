@@ -77,6 +77,7 @@ class Context:
         self._log: Any = None
         self._text_offset = 0  # bytes: where the next piece of streamed text starts
         self._text_chars = 0
+        self._on_server_key = False  # the provider key handed out is the server's (a token budget)
 
     # --- progress, log, live text ----------------------------------------------------------------
 
@@ -148,13 +149,28 @@ class Context:
     # --- secrets -------------------------------------------------------------------------------
 
     def provider_key(self, provider: str) -> str | None:
-        """The owner's key for an LLM provider, else the server's, else None. Drop it after the call."""
+        """The owner's key for an LLM provider, else the server's (within the owner's daily token
+        budget on it: PermanentError when spent), else None. Drop it after the call."""
+        from apps.credentials import budgets
         from apps.credentials.services import key_for
         from tasks import connections
 
-        key = key_for(self.job.owner_id, provider) or getattr(settings, SERVER_KEYS[provider], "")
+        key = key_for(self.job.owner_id, provider)
+        self._on_server_key = not key and bool(getattr(settings, SERVER_KEYS[provider], ""))
+        if self._on_server_key:
+            if problem := budgets.refusal(self.job.owner_id):
+                raise PermanentError(problem)
+            key = getattr(settings, SERVER_KEYS[provider])
         connections.release()  # the call that follows waits: a pooled connection goes back meanwhile
         return key or None
+
+    def count_usage(self, usage: dict[str, int | None]) -> None:
+        """What a generation used (the provider's count), against the owner's daily budget when it
+        ran on the server's key."""
+        if self._on_server_key and settings.AI_USER_DAILY_TOKENS:
+            from apps.credentials import budgets
+
+            budgets.spend(self.job.owner_id, sum(n or 0 for n in usage.values()))
 
     # --- time ----------------------------------------------------------------------------------
 

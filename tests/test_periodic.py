@@ -152,6 +152,7 @@ def schedulers() -> Iterator[Callable[[], Scheduler]]:
         scheduler._finalize.cancel()
 
 
+@pytest.mark.usefixtures("no_shared_worker")  # the jobs stay as beat left them
 @pytest.mark.django_db(transaction=True)
 def test_two_beats_submit_each_period_once_and_skip_none(user: User, schedulers: Callable[[], Scheduler]) -> None:
     """Two schedulers of beat over one database, ticking in turn, as two beats run by mistake."""

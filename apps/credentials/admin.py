@@ -3,7 +3,7 @@ from django.contrib import admin
 from django.http import HttpRequest
 
 from apps.credentials import crypto
-from apps.credentials.models import CallbackSecret, Credential
+from apps.credentials.models import CallbackSecret, Credential, TokenUsage
 
 
 class CredentialForm(forms.ModelForm):
@@ -67,3 +67,15 @@ class CallbackSecretAdmin(admin.ModelAdmin):
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
+
+
+@admin.register(TokenUsage)
+class TokenUsageAdmin(admin.ModelAdmin):
+    """Tokens used per user and day on the server's keys (AI_USER_DAILY_TOKENS); an operator may
+    lower a day's count to give a user more room."""
+
+    list_display = ["day", "owner", "tokens"]
+    list_filter = ["day"]
+    search_fields = ["owner__username"]
+    list_select_related = ["owner"]
+    ordering = ["-day", "-tokens"]

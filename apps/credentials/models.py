@@ -43,3 +43,18 @@ class CallbackSecret(models.Model):
 
     def __str__(self) -> str:
         return f"callback secret …{self.last4}"
+
+
+class TokenUsage(models.Model):
+    """Tokens (in and out) a user's AI jobs used on the server's provider keys in one UTC day, against
+    AI_USER_DAILY_TOKENS (a user's own keys are not counted: their provider bills them)."""
+
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
+    day = models.DateField()
+    tokens = models.PositiveBigIntegerField(default=0)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["owner", "day"], name="tokenusage_owner_day")]
+
+    def __str__(self) -> str:
+        return f"{self.day}: {self.tokens} tokens"

@@ -28,7 +28,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from apps.jobs import live, sql
+from apps.jobs import fairness, live, sql
 from apps.jobs.dispatch import publish_callback_on_commit, publish_on_commit, publish_safely
 from apps.jobs.kinds import get_kind
 from apps.jobs.models import ACTIVE_STATUSES, Job, JobEvent, Status
@@ -106,6 +106,8 @@ def _transition(
         for name, value in fields.items():
             setattr(job, name, value)
         _announce(job.pk, to, message)
+        if Status.RUNNING in from_statuses and to != Status.RUNNING:
+            fairness.release_after(job)  # a slot of its owner's is free: the next held job goes
     return won
 
 
@@ -122,8 +124,10 @@ def create_jobs(jobs: list[Job]) -> list[Job]:
             job.status = Status.SCHEDULED
         else:
             job.status, job.queued_at = Status.QUEUED, now
+    queued = [job for job in jobs if job.status == Status.QUEUED]
+    admitted = fairness.admit(queued) if fairness.enabled() else queued  # the rest held: see fairness
     sql.insert_jobs(jobs, [JobEvent(job_id=job.id, at=now, type=job.status, status=job.status) for job in jobs])
-    publish_on_commit(jobs)
+    publish_on_commit(admitted)
     return jobs
 
 
@@ -140,7 +144,10 @@ def claim(job_id: UUID | str, *, task_id: str, worker: str, process: str) -> Job
         "progress": 0,
         "progress_message": "",
     }
-    job = sql.claim(job_id, fields, event=Event.RUNNING)
+    if fairness.enabled():  # at most JOBS_USER_CONCURRENCY of its owner's jobs run at once
+        job = fairness.claim_within_cap(job_id, lambda: sql.claim(job_id, fields, event=Event.RUNNING))
+    else:
+        job = sql.claim(job_id, fields, event=Event.RUNNING)
     if job is not None:
         _announce(job.pk, Status.RUNNING, f"attempt {job.attempts} on {worker}")
     return job
@@ -318,6 +325,7 @@ def replay(job_id: UUID) -> bool:
     """A user's retry: run a failed, timed-out or cancelled job again from its first attempt (this
     replays a dead letter), published once committed."""
     job = Job.objects.get(pk=job_id)
+    admitted = fairness.admit([job]) if fairness.enabled() else [job]
     won = _transition(
         job,
         RETRYABLE_FINAL,
@@ -337,18 +345,20 @@ def replay(job_id: UUID) -> bool:
         started_at=None,
         finished_at=None,
         redispatched_at=None,
+        held_at=job.held_at,
         **CLEARED_ATTEMPT,
     )
-    if won:
+    if won and admitted:
         publish_on_commit([job])
     return won
 
 
 def promote(job: Job) -> bool:
-    """A scheduled job whose time has come joins its queue (published once committed)."""
+    """A scheduled job whose time has come joins its queue (published once committed, unless held)."""
+    admitted = fairness.admit([job]) if fairness.enabled() else [job]
     won = _transition(job, [Status.SCHEDULED], Status.QUEUED, event=Event.QUEUED, message="scheduled time reached",
-                      queued_at=timezone.now())  # fmt: skip
-    if won:
+                      queued_at=timezone.now(), held_at=job.held_at)  # fmt: skip
+    if won and admitted:
         publish_on_commit([job])
     return won
 

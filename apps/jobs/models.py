@@ -99,6 +99,9 @@ class Job(models.Model):
     # Attempts put off because a provider or a shared rate limit said "not now" (a 429), which did not
     # count as attempts either (at most JOBS_MAX_DEFERRALS, then they count).
     deferrals = models.PositiveIntegerField(default=0)
+    # Set while a queued (or due retrying) job is held back from the broker because its owner has
+    # JOBS_USER_CONCURRENCY jobs of its queue running or on their way (apps/jobs/fairness.py).
+    held_at = models.DateTimeField(null=True, blank=True)
 
     objects = JobQuerySet.as_manager()
 
@@ -140,6 +143,18 @@ class Job(models.Model):
                 fields=["dead_lettered"],
                 name="job_dead_lettered",
                 condition=Q(dead_lettered=True),
+            ),
+            # Fair share (apps/jobs/fairness.py): an owner's jobs on their way to a worker of a queue,
+            # and the ones held back, in the order they are let go.
+            models.Index(
+                fields=["owner", "queue"],
+                name="job_owner_queued",
+                condition=Q(status=Status.QUEUED, held_at__isnull=True),
+            ),
+            models.Index(
+                fields=["owner", "queue", "priority", "held_at"],
+                name="job_held",
+                condition=Q(status__in=[Status.QUEUED, Status.RETRYING], held_at__isnull=False),
             ),
         ]
         constraints = [

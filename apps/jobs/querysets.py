@@ -38,13 +38,14 @@ class JobQuerySet(QuerySet):
     def stuck_retrying(self, before: datetime) -> "JobQuerySet":
         """Retrying jobs long past their retry time whose (delayed) message never came, not
         published again since `before`."""
-        return self.filter(status=Status.RETRYING, run_at__lt=before).filter(
+        return self.filter(status=Status.RETRYING, run_at__lt=before, held_at__isnull=True).filter(
             Q(redispatched_at__isnull=True) | Q(redispatched_at__lt=before)
         )
 
     def unclaimed(self, queue: str) -> "JobQuerySet":
-        """Jobs waiting in `queue` (the `job_active` index: status, queue, priority, queued_at)."""
-        return self.filter(status=Status.QUEUED, queue=queue)
+        """Jobs waiting in `queue` for a worker (the `job_active` index: status, queue, priority,
+        queued_at), not those held back by a user concurrency limit (they are not in the broker)."""
+        return self.filter(status=Status.QUEUED, queue=queue, held_at__isnull=True)
 
     def published_before(self, cutoff: datetime) -> "JobQuerySet":
         """Jobs whose latest message was published before `cutoff` (queued, or published again)."""

@@ -10,7 +10,8 @@
   workers have already claimed jobs of its queue and priority that were published after it (a list
   is first in, first out, so its message would have come first). A job that only waits its turn
   behind a backlog is left alone, and the work is proportional to the lost jobs, not to the backlog;
-- retrying jobs long past their retry time (their delayed message is gone) are published again.
+- retrying jobs long past their retry time (their delayed message is gone) are published again;
+- jobs held back by a user concurrency limit that now fit under it are let go (see `fairness`).
 
 A duplicate message is harmless: its claim fails. Leases are judged on the database's clock.
 """
@@ -24,7 +25,7 @@ from celery import current_app
 from django.conf import settings
 from django.db.models.functions import Now
 
-from apps.jobs import lifecycle, live, sql
+from apps.jobs import fairness, lifecycle, live, sql
 from apps.jobs.dispatch import broker_priority
 from apps.jobs.models import Job, Priority
 
@@ -110,4 +111,5 @@ def reconcile() -> dict[str, int]:
         log.warning("re-publishing %d job(s) whose message was lost", len(stale))
         lifecycle.redispatch(list(stale))
         counts["redispatched"] = len(stale)
+    counts["released"] = fairness.release_stranded()
     return counts

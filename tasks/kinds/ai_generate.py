@@ -14,6 +14,7 @@ def handle(ctx: Context) -> dict[str, Any]:
         raise PermanentError(f"no credential for provider {provider}")
     out = providers.generate(request, key, ctx.stream_text)
     del key
+    ctx.count_usage(out.usage)
     ctx.report(95, f"{len(out.text)} characters generated")
     return {
         "text": out.text,

@@ -5,8 +5,9 @@ from typing import Any
 from django.conf import settings
 from django.utils import timezone
 from rest_framework import serializers
-from rest_framework.exceptions import PermissionDenied
+from rest_framework.exceptions import PermissionDenied, Throttled
 
+from apps.credentials import budgets
 from apps.jobs.dispatch import callback_url_problem
 from apps.jobs.kinds import KINDS, shown_payload
 from apps.jobs.models import Job, JobEvent, Priority
@@ -83,7 +84,15 @@ class JobSubmitSerializer(serializers.Serializer):
             attrs["payload"] = dict(self._payload_schema(attrs["kind"]).run_validation(payload))
         except serializers.ValidationError as error:
             raise serializers.ValidationError({"payload": error.detail}) from None
+        if attrs["kind"] == "ai_generate" and settings.AI_USER_DAILY_TOKENS:
+            self._check_budget(attrs["payload"])
         return attrs
+
+    def _check_budget(self, payload: dict[str, Any]) -> None:
+        """A job on the server's key whose owner spent today's token budget: 429 until it resets."""
+        user = self.context["request"].user
+        if problem := budgets.refusal_for_submission(user.pk, payload.get("provider") or ""):
+            raise Throttled(wait=budgets.seconds_to_reset(), detail=f"Token budget: {problem}")
 
     def _payload_schema(self, kind: str) -> serializers.Serializer:
         """One payload serializer per kind for this request, reused by every item of a batch:
