@@ -425,6 +425,10 @@ SPECTACULAR_SETTINGS = {
 
 # --- Static files, i18n, logging -------------------------------------------------------------
 STATIC_URL = "static/"
+# The owner's job pages (/jobs/<id>/) log in with a session; the admin has its own login page.
+LOGIN_URL = "login"
+LOGOUT_REDIRECT_URL = "login"
+LOGIN_REDIRECT_URL = "/api/jobs/"  # (a login without `next`): their jobs, in the browsable API
 STATIC_ROOT = BASE_DIR / "staticfiles"
 WHITENOISE_USE_FINDERS = True
 WHITENOISE_AUTOREFRESH = DEBUG

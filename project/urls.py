@@ -1,7 +1,9 @@
 from django.contrib import admin
+from django.contrib.auth import views as auth_views
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
+from apps.jobs import pages
 from apps.jobs.api import operations
 from apps.messaging import urls as messaging
 
@@ -15,6 +17,11 @@ urlpatterns = [
     path("api/", include(messaging.api_urlpatterns)),
     path("webhooks/", include(messaging.webhook_urlpatterns)),
     path("metrics", operations.metrics, name="metrics"),
+    # The browser's pages (session login): a job followed live, and the admin job list's statuses.
+    path("jobs/statuses/", pages.job_statuses, name="job-statuses"),
+    path("jobs/<uuid:pk>/", pages.job_page, name="job-page"),
+    path("accounts/login/", auth_views.LoginView.as_view(template_name="jobs/login.html"), name="login"),
+    path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
 ]
 
 handler500 = "project.api.server_error"

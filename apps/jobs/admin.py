@@ -35,6 +35,9 @@ class JobEventInline(admin.TabularInline):
 
 @admin.register(Job)
 class JobAdmin(admin.ModelAdmin):
+    # Both follow their jobs live (static/jobs/live.js): the job page over its event stream, the list by polling.
+    change_form_template = "jobs/admin/job_change_form.html"
+    change_list_template = "jobs/admin/job_change_list.html"
     list_display = [
         "id",
         "kind",
