@@ -11,7 +11,30 @@ from django.core.exceptions import ImproperlyConfigured
 from kombu import Exchange, Queue
 
 BASE_DIR = Path(__file__).resolve().parent.parent
-env = environ.Env()
+
+
+class SecretFiles(environ.FileAwareMapping):
+    """The environment, where any `NAME` may come from a file named by `NAME_FILE` (a Docker or
+    Kubernetes secret mounted as a file): its content without the final line break. Setting both is
+    an error, as is a file that cannot be read (said with the variable's name, never the content)."""
+
+    def __getitem__(self, key: str) -> str:
+        path = self.env.get(f"{key}_FILE")
+        if not path:
+            return self.env[key]
+        if key in self.env:
+            raise ImproperlyConfigured(f"set {key} or {key}_FILE, not both")
+        try:
+            return super().__getitem__(key).rstrip("\r\n")
+        except OSError as exc:
+            raise ImproperlyConfigured(f"{key}_FILE: cannot read {path} ({exc.strerror})") from None
+
+
+class Env(environ.Env):
+    ENVIRON = SecretFiles()
+
+
+env = Env()
 if (BASE_DIR / ".env").is_file():
     env.read_env(BASE_DIR / ".env")
 
@@ -322,6 +345,17 @@ TRUST_PROXY_HEADERS = env.bool("TRUST_PROXY_HEADERS", default=False)
 if TRUST_PROXY_HEADERS:
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
     USE_X_FORWARDED_HOST = True
+# Served over HTTPS only (production, behind TLS): plain HTTP is redirected (except the health and
+# metrics probes, which the orchestrator sends in plain HTTP inside the cluster), cookies are
+# secure, and browsers are told so (HSTS; raise SECURE_HSTS_SECONDS to a year once it works).
+HTTPS_ONLY = env.bool("HTTPS_ONLY", default=False)
+SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", default=HTTPS_ONLY)
+SECURE_REDIRECT_EXEMPT = [r"^api/health/$", r"^metrics$"]
+SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = env.bool("SECURE_COOKIES", default=HTTPS_ONLY)
+SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", default=3600 if HTTPS_ONLY else 0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", default=HTTPS_ONLY)
+SECURE_HSTS_PRELOAD = env.bool("SECURE_HSTS_PRELOAD", default=HTTPS_ONLY)  # allows listing; submits nothing
+CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
 # The same text to the same destination within this many seconds is delivered once.
 MESSAGE_DEDUPE_SECONDS = env.int("MESSAGE_DEDUPE_SECONDS", default=60)
 # A rate-limit wait up to this long is waited out in the attempt; a longer one puts the job off.

@@ -1,0 +1,101 @@
+"""Configuration for production: secrets from files (`NAME_FILE`), `check --deploy` clean under the
+production settings, HTTPS without breaking the orchestrator's probes."""
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from django.test import Client
+
+ROOT = Path(__file__).resolve().parent.parent
+
+PRODUCTION = {
+    "DEBUG": "false",
+    "HTTPS_ONLY": "true",
+    "TRUST_PROXY_HEADERS": "true",
+    "ALLOWED_HOSTS": "conveyor.example.com",
+    "CSRF_TRUSTED_ORIGINS": "https://conveyor.example.com",
+    "PUBLIC_BASE_URL": "https://conveyor.example.com",
+}
+
+
+def settings_in_child(env: dict[str, str], *names: str) -> subprocess.CompletedProcess:
+    """Load the real settings (not the tests') in a fresh process with `env`; print `names` as JSON."""
+    code = (
+        "import json, django; from django.conf import settings; django.setup(); "
+        f"print(json.dumps({{n: str(getattr(settings, n)) for n in {list(names)!r}}}))"
+    )
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.endswith("_FILE") and k not in ("SECRET_KEY", "DEBUG") and f"{k}_FILE" not in env
+    }
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env={**base, "DJANGO_SETTINGS_MODULE": "project.settings", **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_every_secret_can_come_from_a_file(tmp_path: Path) -> None:
+    key, token = "k" * 50, "sk-from-a-mounted-secret-0123456789"
+    (tmp_path / "secret_key").write_text(key + "\n")  # as `echo ... > file` writes it
+    (tmp_path / "openai").write_text(token)
+    (tmp_path / "database_url").write_text("postgres://app:pw@db.internal:5432/conveyor\n")
+    env = {
+        "SECRET_KEY_FILE": str(tmp_path / "secret_key"),
+        "OPENAI_API_KEY_FILE": str(tmp_path / "openai"),
+        "DATABASE_URL_FILE": str(tmp_path / "database_url"),
+        "DEBUG": "false",
+    }
+    loaded = settings_in_child(env, "SECRET_KEY", "OPENAI_API_KEY", "DATABASES")
+    assert loaded.returncode == 0, loaded.stderr[-2000:]
+    values = json.loads(loaded.stdout)
+    assert values["SECRET_KEY"] == key
+    assert values["OPENAI_API_KEY"] == token
+    assert "'HOST': 'db.internal'" in values["DATABASES"]
+
+
+def test_a_secret_set_twice_or_unreadable_is_refused_by_name_without_its_value(tmp_path: Path) -> None:
+    secret = secrets.token_urlsafe(40)
+    (tmp_path / "secret_key").write_text(secret)
+    both = settings_in_child({"SECRET_KEY": secret, "SECRET_KEY_FILE": str(tmp_path / "secret_key")}, "DEBUG")
+    assert both.returncode != 0
+    assert "set SECRET_KEY or SECRET_KEY_FILE, not both" in both.stderr
+    missing = settings_in_child({"SECRET_KEY_FILE": str(tmp_path / "absent")}, "DEBUG")
+    assert missing.returncode != 0
+    assert "SECRET_KEY_FILE: cannot read" in missing.stderr
+    assert secret not in both.stderr + missing.stderr
+
+
+def test_check_deploy_is_clean_under_the_production_settings(tmp_path: Path) -> None:
+    (tmp_path / "secret_key").write_text(secrets.token_urlsafe(50))
+    env = {k: v for k, v in os.environ.items() if k not in ("SECRET_KEY", "DEBUG", "DJANGO_SETTINGS_MODULE")}
+    env.update(PRODUCTION, SECRET_KEY_FILE=str(tmp_path / "secret_key"), DJANGO_SETTINGS_MODULE="project.settings")
+    checked = subprocess.run(
+        [sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "no issues" in checked.stdout
+
+
+@pytest.mark.django_db
+def test_https_only_redirects_plain_http_but_not_the_probes(settings) -> None:
+    settings.SECURE_SSL_REDIRECT = True
+    client = Client()
+    assert client.get("/api/jobs/").status_code == 301
+    assert client.get("/api/health/").status_code in (200, 503)  # answered, not redirected
+    assert client.get("/metrics").status_code in (401, 403)
+    assert client.get("/api/jobs/", secure=True).status_code == 401
