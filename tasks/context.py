@@ -5,6 +5,7 @@ streams text, keeps artifacts, opens uploads and watches its deadline through `c
 of the platform. Modules under `tasks/kinds/` import nothing from `apps/`: this is their only door.
 """
 
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -12,6 +13,8 @@ from typing import IO, Any
 from uuid import UUID
 
 from django.conf import settings
+
+log = logging.getLogger(__name__)
 
 
 class JobError(Exception):
@@ -164,13 +167,25 @@ class Context:
         connections.release()  # the call that follows waits: a pooled connection goes back meanwhile
         return key or None
 
-    def count_usage(self, usage: dict[str, int | None]) -> None:
-        """What a generation used (the provider's count), against the owner's daily budget when it
-        ran on the server's key."""
-        if self._on_server_key and settings.AI_USER_DAILY_TOKENS:
-            from apps.credentials import budgets
+    def count_usage(self, usage: dict[str, int | None] | None) -> None:
+        """What a generation used, against the owner's daily budget when it ran on the server's key:
+        the provider's count, or (a generation stopped midway, a server that reports none) an
+        estimate of four characters a token, of the request and of the text streamed so far."""
+        if not (self._on_server_key and settings.AI_USER_DAILY_TOKENS):
+            return
+        from apps.credentials import budgets
 
-            budgets.spend(self.job.owner_id, sum(n or 0 for n in usage.values()))
+        counted = [n for n in (usage or {}).values() if n is not None]
+        if counted:
+            tokens = sum(counted)
+        else:
+            request = self.job.payload if isinstance(self.job.payload, dict) else {}
+            sent = sum(len(str(m.get("content", ""))) for m in request.get("messages") or [] if isinstance(m, dict))
+            tokens = (sent + len(str(request.get("system") or "")) + self._text_chars) // 4 + 1
+        try:
+            budgets.spend(self.job.owner_id, tokens)
+        except Exception:  # never hide the attempt's own outcome behind a failed count
+            log.warning("could not count %d tokens of job %s against its owner's budget", tokens, self.job.id)
 
     # --- time ----------------------------------------------------------------------------------
 

@@ -1,6 +1,7 @@
 """Who may jump the queue, and why a job waits."""
 
 import itertools
+import time
 
 import pytest
 from django.contrib.auth.models import Permission, User
@@ -9,6 +10,7 @@ from apps.credentials import budgets
 from apps.credentials.models import TokenUsage
 from apps.jobs import lifecycle, reconciler, workers
 from apps.jobs.models import Job
+from tasks.context import Context
 from tests.conftest import WorkerProcess, client_for, wait_final, wait_for
 from tests.factories import make_credential, make_job, make_user, submit
 
@@ -173,3 +175,30 @@ def test_a_daily_token_budget_limits_the_servers_keys_not_the_users_own(
         assert TokenUsage.objects.get(owner=user).tokens == 18
     finally:
         worker.stop()
+
+
+@pytest.mark.usefixtures("no_shared_worker")
+def test_a_held_job_cancelled_and_replayed_is_held_or_published_never_both(settings, api, user) -> None:
+    settings.JOBS_USER_CONCURRENCY = {"*": 1}
+    first, held = (submit(api, "echo", {"message": str(i)})["id"] for i in range(2))
+    assert _held(user) == [held]
+    lifecycle.cancel(held)
+    assert Job.objects.get(pk=held).held_at is None  # a cancelled job is not held
+    lifecycle.cancel(first)  # the slot frees before the replay: it is let go at once
+    assert lifecycle.replay(held)
+    replayed = Job.objects.get(pk=held)
+    assert (replayed.status, replayed.held_at) == ("queued", None)
+    assert reconciler.reconcile()["released"] == 0  # nothing held, nothing published twice
+
+
+def test_a_generation_stopped_midway_counts_what_streamed(settings, user) -> None:
+    settings.AI_USER_DAILY_TOKENS = 1000
+    settings.OPENAI_API_KEY = "sk-server-0123456789"
+    job = make_job(user, "running", kind="ai_generate", payload={"prompt": "p" * 40, "provider": "openai"})
+    ctx = Context(job, lambda percent, message: None, deadline=time.monotonic() + 60)
+    assert ctx.provider_key("openai") == "sk-server-0123456789"
+    ctx.stream_text("x" * 400)
+    ctx.count_usage(None)  # cut off: no count from the provider
+    assert budgets.used_today(user.pk) == (40 + 400) // 4 + 1
+    ctx.count_usage({"input_tokens": 10, "output_tokens": 5})
+    assert budgets.used_today(user.pk) == (40 + 400) // 4 + 1 + 15

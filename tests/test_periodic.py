@@ -9,7 +9,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from celery import current_app
-from django.contrib.auth.models import User
+from django.contrib.auth.models import Permission, User
 from django.test import Client
 from django.utils import timezone
 from django_celery_beat.models import CrontabSchedule, IntervalSchedule, PeriodicTask
@@ -252,3 +252,50 @@ def test_the_admin_reschedules_a_scheduled_job_and_nothing_else(admin_client: Cl
 
     running = make_job(user, Job.Status.RUNNING)
     assert 'name="run_at_0"' not in admin_client.get(f"/admin/jobs/job/{running.pk}/change/").content.decode()
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("fields", "zone", "now", "expected"),
+    [
+        # New York falls back at 06:00Z on 1 November 2026: 01:00-01:59 happens twice
+        ({"minute": "*/15"}, "America/New_York", "2026-11-01T06:05:00Z", "2026-11-01T06:00:00Z"),
+        ({"minute": "30", "hour": "1"}, "America/New_York", "2026-11-01T06:10:00Z", "2026-11-01T05:30:00Z"),
+        ({"minute": "30", "hour": "1"}, "America/New_York", "2026-11-01T06:40:00Z", "2026-11-01T06:30:00Z"),
+        # ... and springs forward at 07:00Z on 8 March: 02:30 does not exist that day
+        ({"minute": "30", "hour": "2"}, "America/New_York", "2026-03-08T07:10:00Z", "2026-03-07T07:30:00Z"),
+        ({"minute": "0", "hour": "*"}, "Europe/Paris", "2026-10-25T01:30:00Z", "2026-10-25T01:00:00Z"),
+    ],
+)
+def test_a_crontabs_latest_tick_across_daylight_saving_changes(fields, zone, now, expected) -> None:
+    crontab = CrontabSchedule.objects.create(timezone=ZoneInfo(zone), **fields)
+    at = datetime.fromisoformat(now)
+    assert periodic.latest_tick(crontab, at) == datetime.fromisoformat(expected)
+    assert periodic.latest_tick(crontab, at) == brute_force_tick(crontab, at)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_beat_keeps_a_template_whose_hour_is_far_away(user: User, schedulers: Callable[[], Scheduler]) -> None:
+    """django-celery-beat leaves out crontabs more than two hours away; a template's must stay, so a
+    period missed while beat was down runs when it is back, not a day later."""
+    hour = (timezone.now().hour + 12) % 24
+    tpl = template(user, crontab=CrontabSchedule.objects.create(minute="0", hour=str(hour), timezone=ZoneInfo("UTC")))
+    assert tpl.periodic_task_id in {task.pk for task in schedulers().enabled_models()}
+
+
+@pytest.mark.django_db
+def test_staff_make_templates_for_themselves_within_their_permissions(client: Client, settings, user: User) -> None:
+    settings.JOBS_RESTRICT_PRIORITY = True
+    editor = make_user("editor", staff=True)
+    editor.user_permissions.add(*Permission.objects.filter(codename__endswith="jobtemplate"))
+    client.force_login(editor)
+    form = {"name": "mine", "owner": editor.pk, "enabled": "on", "kind": "echo", "priority": "normal",
+            "payload": json.dumps({"message": "hi"}), "interval": every(300).pk}  # fmt: skip
+    as_other = client.post("/admin/jobs/jobtemplate/add/", {**form, "owner": user.pk})
+    assert "Only a superuser may make or change a template of another user." in as_other.content.decode()
+    critical = client.post("/admin/jobs/jobtemplate/add/", {**form, "priority": "critical"})
+    assert "needs the permission jobs.submit_critical" in critical.content.decode()
+    assert not JobTemplate.objects.exists()
+    assert client.post("/admin/jobs/jobtemplate/add/", form).status_code == 302
+    assert JobTemplate.objects.get().owner == editor
+    assert client.get("/admin/django_celery_beat/periodictask/").status_code == 403  # superusers only

@@ -26,6 +26,7 @@ def metrics(client: APIClient, **headers: str) -> dict[tuple[str, tuple], float]
     }
 
 
+@pytest.mark.usefixtures("no_shared_worker")  # the jobs stay in the states made for them
 def test_stats_and_metrics_equal_the_rows(settings) -> None:
     settings.METRICS_TOKEN = "metrics-token"
     stats.rollup()  # counting starts here

@@ -3,12 +3,15 @@ import uuid
 from typing import Any
 
 from django import forms
+from django.conf import settings
 from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.urls import reverse
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
+from django_celery_beat.admin import PeriodicTaskAdmin
+from django_celery_beat.models import PeriodicTask
 
 from apps.jobs import logs, services, waiting
 from apps.jobs.kinds import KINDS, shown_payload
@@ -134,6 +137,9 @@ class JobAdmin(admin.ModelAdmin):
     def save_model(self, request: HttpRequest, obj: Job, form: Any, change: bool) -> None:
         if not set(form.changed_data) & set(RESCHEDULABLE):
             return
+        if "priority" in form.changed_data and (problem := priority_refused(request.user, obj.priority)):
+            self.message_user(request, f"Not changed: {problem}", messages.ERROR)
+            return
         try:
             services.reschedule_job(obj, obj.run_at, obj.priority)
         except services.JobConflict as exc:
@@ -248,9 +254,30 @@ def _table(headers: list[str], rows: list[tuple]) -> SafeString | str:
     )
 
 
+def priority_refused(user: Any, priority: str) -> str | None:
+    """With JOBS_RESTRICT_PRIORITY, the staff member who sets a high or critical priority needs the
+    permission, as a submitter would."""
+    jumps = priority in (Job.Priority.HIGH, Job.Priority.CRITICAL)
+    if settings.JOBS_RESTRICT_PRIORITY and jumps and not user.has_perm("jobs.submit_critical"):
+        return f"a {priority} priority needs the permission jobs.submit_critical (JOBS_RESTRICT_PRIORITY is on)."
+    return None
+
+
 class JobTemplateForm(forms.ModelForm):
     kind = forms.ChoiceField(choices=[(name, name) for name in sorted(KINDS)])
     callback_url = forms.URLField(required=False, max_length=500, assume_scheme="https")
+    editor: Any = None  # the staff member saving it (set by the admin)
+
+    def clean(self) -> dict:
+        data = super().clean()
+        editor = self.editor
+        owner = data.get("owner")
+        if editor is not None and owner is not None and owner != editor and not editor.is_superuser:
+            # the jobs run as their owner: with the owner's keys, uploads and identities
+            self.add_error("owner", "Only a superuser may make or change a template of another user.")
+        if editor is not None and (problem := priority_refused(editor, data.get("priority") or "")):
+            self.add_error("priority", problem)
+        return data
 
     class Meta:
         model = JobTemplate
@@ -278,6 +305,18 @@ class JobTemplateAdmin(admin.ModelAdmin):
         ("Last period", {"fields": ["last_period", "last_job_link", "last_error", "created_at", "updated_at"]}),
     ]
 
+    def get_queryset(self, request: HttpRequest) -> QuerySet:
+        """Staff see their own templates; superusers see all."""
+        templates = super().get_queryset(request)
+        return templates if request.user.is_superuser else templates.filter(owner=request.user)
+
+    def get_changeform_initial_data(self, request: HttpRequest) -> dict:
+        return {"owner": request.user.pk, **super().get_changeform_initial_data(request)}
+
+    def get_form(self, request: HttpRequest, obj: JobTemplate | None = None, **kwargs: Any) -> Any:
+        form = super().get_form(request, obj, **kwargs)
+        return type(form.__name__, (form,), {"editor": request.user})
+
     @admin.display(description="schedule")
     def schedule(self, template: JobTemplate) -> str:
         return str(template.crontab or template.interval or "-")
@@ -288,3 +327,27 @@ class JobTemplateAdmin(admin.ModelAdmin):
             return "-"
         url = reverse("admin:jobs_job_change", args=[template.last_job])
         return format_html('<a href="{}">{}</a>', url, template.last_job)
+
+
+class SuperusersOnly:
+    """A periodic task names any Celery task with any arguments (`conveyor.submit` as any user, say):
+    only superusers manage them directly. Staff make periodic jobs through job templates."""
+
+    def has_module_permission(self, request: HttpRequest) -> bool:
+        return request.user.is_superuser
+
+    def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return request.user.is_superuser
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return request.user.is_superuser
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return request.user.is_superuser
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return request.user.is_superuser
+
+
+admin.site.unregister(PeriodicTask)
+admin.site.register(PeriodicTask, type("PeriodicTaskAdmin", (SuperusersOnly, PeriodicTaskAdmin), {}))

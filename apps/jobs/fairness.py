@@ -85,6 +85,7 @@ def admit(jobs: Iterable[Job]) -> list[Job]:
         for job in waiting:
             if room > 0:
                 room -= 1
+                job.held_at = None
                 admitted.append(job)
             else:
                 job.held_at = now
@@ -113,6 +114,8 @@ def release(owner_id: int, queue: str) -> int:
     """Let go of the owner's held jobs of `queue` that fit under the cap now (all of them, in batches,
     when the queue has no cap). Returns how many were published."""
     limit = cap(queue)
+    if not _held(owner_id, queue).exists():  # the common case: nothing waits (the job_held index)
+        return 0
     with transaction.atomic():
         _lock(owner_id, queue)
         room = max(0, limit - _busy(owner_id, queue)) if limit else RELEASE_BATCH

@@ -143,6 +143,7 @@ def claim(job_id: UUID | str, *, task_id: str, worker: str, process: str) -> Job
         "task_id": task_id,
         "progress": 0,
         "progress_message": "",
+        "held_at": None,  # a held job's stray message (a duplicate, a retry's) runs it: it is not held
     }
     if fairness.enabled():  # at most JOBS_USER_CONCURRENCY of its owner's jobs run at once
         job = fairness.claim_within_cap(job_id, lambda: sql.claim(job_id, fields, event=Event.RUNNING))
@@ -315,7 +316,7 @@ def cancel(job_id: UUID) -> tuple[bool, Job]:
     before = copy.copy(job)
     with _finishing(job):
         won = _transition(job, ACTIVE_STATUSES, Status.CANCELLED, event=Event.CANCELLED,
-                          finished_at=timezone.now(), **CLEARED_ATTEMPT)  # fmt: skip
+                          finished_at=timezone.now(), held_at=None, **CLEARED_ATTEMPT)  # fmt: skip
         if won:
             _finished(job)
     return won, before

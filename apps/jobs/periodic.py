@@ -26,7 +26,7 @@ from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.utils import timezone
 from django_celery_beat.models import PeriodicTask
-from rest_framework.exceptions import APIException
+from rest_framework.exceptions import APIException, PermissionDenied, Throttled
 
 from apps.jobs import services
 from apps.jobs.models import Job, JobTemplate
@@ -50,22 +50,32 @@ def latest_tick(crontab: Any, now: datetime) -> datetime | None:
     its time zone, with Celery's rules (day of month and day of week must both match)."""
     cron = crontab.schedule  # Celery's crontab: the sets of minutes, hours, days...
     zone = crontab.timezone
-    local = now.astimezone(zone)
+    now = now.astimezone(UTC)
     hours, minutes = sorted(cron.hour, reverse=True), sorted(cron.minute, reverse=True)
-    day = local.date()
+    day = now.astimezone(zone).date()
     for _ in range(CRON_LOOKBACK_DAYS):
         if (
             day.month in cron.month_of_year
             and day.day in cron.day_of_month
             and day.isoweekday() % 7 in cron.day_of_week  # Celery counts from Sunday = 0
         ):
-            for hour in hours:
-                for minute in minutes:
-                    at = datetime.combine(day, time(hour, minute), tzinfo=zone)
-                    if at <= local:
-                        return at.astimezone(UTC)
+            ticks = [tick for hour in hours for minute in minutes for tick in _instants(day, hour, minute, zone)]
+            if past := [tick for tick in ticks if tick <= now]:  # compared in UTC, not by wall clock
+                return max(past)
         day -= timedelta(days=1)
     return None
+
+
+def _instants(day: Any, hour: int, minute: int, zone: Any) -> list[datetime]:
+    """The instants (UTC) a wall-clock time of `zone` names on `day`: none in a gap where the clocks
+    went forward, two in an hour the clocks went back over."""
+    found = set()
+    for fold in (0, 1):
+        local = datetime.combine(day, time(hour, minute), tzinfo=zone).replace(fold=fold)
+        instant = local.astimezone(UTC)
+        if instant.astimezone(zone).replace(tzinfo=None) == local.replace(tzinfo=None):  # it exists
+            found.add(instant)
+    return sorted(found)
 
 
 def period_of(schedule: Any, now: datetime) -> datetime | None:
@@ -110,8 +120,12 @@ def refusal(template: JobTemplate) -> dict[str, Any] | None:
     try:
         if checked.is_valid():
             return None
-    except APIException as exc:  # a permission the owner lacks (a high priority, say)
+    except Throttled:  # today's token budget is spent: tomorrow's periods may run
+        return None
+    except PermissionDenied as exc:  # a permission the owner lacks (a high priority)
         return {"priority": [str(exc.detail)]}
+    except APIException as exc:  # too large, say
+        return {"payload": [str(exc.detail)]}
     return checked.errors
 
 

@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 from django.conf import settings
-from django.db import close_old_connections, connection
+from django.db import DatabaseError, InterfaceError, close_old_connections, connection
 from django_celery_beat.schedulers import DatabaseScheduler
 
 from apps.jobs import periodic, reconciler, retention, stats
@@ -33,7 +33,14 @@ class JobsMixin:
     _next_prune = 0.0
 
     def tick(self, *args: Any, **kwargs: Any) -> float:
-        wait = super().tick(*args, **kwargs)
+        try:
+            wait = super().tick(*args, **kwargs)
+        except (DatabaseError, InterfaceError):
+            # django-celery-beat reads its schedule from the database: while that is away, beat
+            # keeps its last schedule and tries again, instead of exiting.
+            log.warning("reading the periodic schedule failed; trying again", exc_info=True)
+            connection.close()
+            wait = PROMOTE_INTERVAL_SECONDS
         self.keep_jobs_in_step()
         return min(wait, PROMOTE_INTERVAL_SECONDS)
 
@@ -65,11 +72,19 @@ class TemplatesMixin:
     """Submits periodic jobs' templates in beat's process, and keeps their entries on their periods'
     boundaries (an interval of Celery's beat counts from when it last ran, and drifts)."""
 
+    def enabled_models_qs(self) -> Any:
+        """django-celery-beat leaves out crontabs whose hour is more than two hours away (to keep
+        its heap small); a template's must stay, or a period missed while beat was down would run a
+        day late."""
+        templates = self.Model.objects.enabled().filter(task=periodic.RUN_TEMPLATE)
+        return super().enabled_models_qs() | templates
+
     def reserve(self, entry: Any) -> Any:
         new_entry = super().reserve(entry)
-        if new_entry.task == periodic.RUN_TEMPLATE:
+        if new_entry.task == periodic.RUN_TEMPLATE and new_entry.model.interval_id:
+            # an interval's next run counts from its period's start, not from when beat woke
             period = periodic.period_of(new_entry.model, new_entry.last_run_at)
-            if period is not None:
+            if period is not None and period > entry.last_run_at:
                 new_entry.last_run_at = new_entry.model.last_run_at = period
         return new_entry
 

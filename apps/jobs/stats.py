@@ -145,12 +145,13 @@ def queues() -> dict[str, dict[str, Any]]:
 
 def _oldest_queued() -> dict[str, datetime]:
     """The oldest queued job's `queued_at` per queue: one index probe per queue and priority (the
-    job_active index), in one statement on PostgreSQL."""
+    job_active index), in one statement on PostgreSQL. Jobs held back by a user concurrency limit
+    are left out: more workers would not start them."""
     pairs = [(queue, priority) for queue in settings.JOBS_QUEUES for priority in Priority.values]
     if connection.vendor == "postgresql":
         probe = (
             '(SELECT %s::text AS queue, "queued_at" FROM "jobs_job" WHERE "status" = %s AND "queue" = %s'
-            ' AND "priority" = %s ORDER BY "queued_at" LIMIT 1)'
+            ' AND "priority" = %s AND "held_at" IS NULL ORDER BY "queued_at" LIMIT 1)'
         )
         params: list[Any] = []
         for queue, priority in pairs:
@@ -163,7 +164,7 @@ def _oldest_queued() -> dict[str, datetime]:
             (queue, first)
             for queue, priority in pairs
             if (
-                first := Job.objects.filter(status=Status.QUEUED, queue=queue, priority=priority)
+                first := Job.objects.filter(status=Status.QUEUED, queue=queue, priority=priority, held_at__isnull=True)
                 .order_by("queued_at")
                 .values_list("queued_at", flat=True)
                 .first()

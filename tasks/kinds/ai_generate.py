@@ -12,8 +12,13 @@ def handle(ctx: Context) -> dict[str, Any]:
     key = ctx.provider_key(provider)
     if not key:
         raise PermanentError(f"no credential for provider {provider}")
-    out = providers.generate(request, key, ctx.stream_text)
-    del key
+    try:
+        out = providers.generate(request, key, ctx.stream_text)
+    except BaseException:
+        ctx.count_usage(None)  # stopped midway (cancelled, timed out, cut off): what streamed counts
+        raise
+    finally:
+        del key
     ctx.count_usage(out.usage)
     ctx.report(95, f"{len(out.text)} characters generated")
     return {

@@ -91,7 +91,11 @@ class JobSubmitSerializer(serializers.Serializer):
     def _check_budget(self, payload: dict[str, Any]) -> None:
         """A job on the server's key whose owner spent today's token budget: 429 until it resets."""
         user = self.context["request"].user
-        if problem := budgets.refusal_for_submission(user.pk, payload.get("provider") or ""):
+        checked = self.context.setdefault("_budgets", {})  # once per provider for a whole batch
+        provider = payload.get("provider") or ""
+        if provider not in checked:
+            checked[provider] = budgets.refusal_for_submission(user.pk, provider)
+        if problem := checked[provider]:
             raise Throttled(wait=budgets.seconds_to_reset(), detail=f"Token budget: {problem}")
 
     def _payload_schema(self, kind: str) -> serializers.Serializer:

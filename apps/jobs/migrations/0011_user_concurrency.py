@@ -15,6 +15,9 @@ class Migration(migrations.Migration):
     ]
 
     operations = [
+        # Adding a nullable column is instant, but waits for a lock on the table: give up rather
+        # than queue every job behind a long transaction.
+        migrations.RunSQL("SET lock_timeout = '10s'", migrations.RunSQL.noop),
         migrations.AddField(
             model_name='job',
             name='held_at',
@@ -28,4 +31,5 @@ class Migration(migrations.Migration):
             model_name='job',
             index=models.Index(condition=models.Q(('held_at__isnull', False), ('status__in', ['queued', 'retrying'])), fields=['owner', 'queue', 'priority', 'held_at'], name='job_held'),
         ),
+        migrations.RunSQL("RESET lock_timeout", migrations.RunSQL.noop),
     ]
