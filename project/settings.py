@@ -177,12 +177,17 @@ if BROKER_IS_REDIS:
     }
     CELERY_TASK_QUEUES = [Queue(name, Exchange(name), routing_key=name) for name in JOBS_QUEUES]
 else:
+    # RabbitMQ: classic queues, whose x-max-priority gives the four priorities (a quorum queue has two
+    # priority levels before RabbitMQ 4.3). Publisher confirms: a submission returns once the broker
+    # has the message. The server's `consumer_timeout` (30 min by default) must exceed the longest
+    # job (JOBS_MAX_TIMEOUT_SECONDS): a late-acked message held longer closes the worker's channel.
+    CELERY_BROKER_TRANSPORT_OPTIONS = {"confirm_publish": True, "connect_timeout": 2, "max_retries": 1}
     CELERY_TASK_QUEUES = [
         Queue(
             name,
             Exchange(name),
             routing_key=name,
-            queue_arguments={"x-max-priority": 9},
+            queue_arguments={"x-max-priority": 9, "x-queue-type": "classic"},
         )
         for name in JOBS_QUEUES
     ]

@@ -457,9 +457,21 @@ def process_env(
     }
 
 
+def purge_broker() -> None:
+    """Empty the broker: FLUSHDB on Redis; on RabbitMQ, purge every queue of the platform."""
+    if settings.BROKER_IS_REDIS:
+        redis.Redis.from_url(settings.CELERY_BROKER_URL).flushdb()
+        return
+    with current_app.connection_for_write() as conn:
+        channel = conn.default_channel
+        for queue in current_app.conf.task_queues:
+            queue(channel).declare()
+            queue(channel).purge()
+
+
 @pytest.fixture(scope="session")
 def shared_worker(process_env: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
-    redis.Redis.from_url(settings.CELERY_BROKER_URL).flushdb()
+    purge_broker()
     worker = WorkerProcess(process_env, tmp_path_factory.mktemp("worker") / "worker.log")
     worker.start()
     yield worker

@@ -4,6 +4,9 @@ The suite flushes its broker (one test runs FLUSHALL), so it must not share a se
 else. Importing this module, which pytest does before Django reads its settings, starts
 `redis-server` on a free port and points REDIS_URL at it; the worker processes the tests start
 inherit that. Set TEST_REDIS_URL to use an existing (throwaway) server instead.
+
+With TEST_BROKER=amqp the broker is RabbitMQ instead (a private vhost on the machine's server);
+Redis still carries live events, locks and rate limits.
 """
 
 import atexit
@@ -44,5 +47,22 @@ def _start() -> str:
     return f"redis://127.0.0.1:{port}/0"
 
 
+def _rabbitmq_vhost() -> str:
+    """A vhost of this session's own on the machine's RabbitMQ (TEST_BROKER=amqp), deleted at exit:
+    the suite purges and floods its broker, which must not be anyone else's."""
+    base = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672")
+    vhost = f"conveyor-test-{os.getpid()}"
+    ctl = shutil.which("rabbitmqctl")
+    if ctl is None:
+        raise RuntimeError("TEST_BROKER=amqp needs rabbitmqctl (the machine's RabbitMQ) to make a vhost")
+    run = lambda *args: subprocess.run([ctl, "-q", *args], check=True, capture_output=True, timeout=60)  # noqa: E731
+    run("add_vhost", vhost)
+    run("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+    atexit.register(lambda: subprocess.run([ctl, "-q", "delete_vhost", vhost], capture_output=True, timeout=60))
+    return f"{base.rstrip('/')}/{vhost}"
+
+
 os.environ["REDIS_URL"] = _start()
 os.environ.pop("CELERY_BROKER_URL", None)
+if os.environ.get("TEST_BROKER") == "amqp":  # the broker-marked tests again, on RabbitMQ (see .ci/run)
+    os.environ["CELERY_BROKER_URL"] = _rabbitmq_vhost()

@@ -4,10 +4,12 @@ on a busy queue, every worker slot busy, broker blips and restarts, a worker shu
 import os
 import signal
 import statistics
+import subprocess
 import threading
 import time
 from datetime import timedelta
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import redis
@@ -16,18 +18,24 @@ from django.contrib.auth.models import User
 from django.db import connection
 from django.utils import timezone
 
-from apps.jobs import lifecycle
+from apps.jobs import lifecycle, services
 from apps.jobs.models import Job
 from apps.jobs.reconciler import CLAIM_ORDER_SLACK_SECONDS
 from tests.conftest import BeatProcess, PrivateRedis, WorkerProcess, publishing_to, wait_final, wait_for
 from tests.factories import make_job
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.broker]
 
 
 def connections_made(worker: WorkerProcess) -> int:
     """How many times the worker has connected to the broker (its consumer says so in its log)."""
-    return worker.log_path.read_text(errors="replace").count("Connected to redis://")
+    scheme = settings.CELERY_BROKER_URL.split("://")[0]
+    return worker.log_path.read_text(errors="replace").count(f"Connected to {scheme}://")
+
+
+def submitted(user: User, sleep_ms: int = 0, **fields: object) -> Job:
+    """An echo job submitted as the API does (a worker may take it at once: no status is checked)."""
+    return services.submit_job(user, {"kind": "echo", "payload": {"message": "m", "sleep_ms": sleep_ms}, **fields})[0]
 
 
 def ended(jobs: list[Job]) -> int:
@@ -58,7 +66,7 @@ class Feeder(threading.Thread):
     def run(self) -> None:
         try:
             while not self.stop.is_set():
-                self.jobs.append(make_job(self.user, payload={"sleep_ms": self.sleep_ms}))
+                self.jobs.append(submitted(self.user, sleep_ms=self.sleep_ms))
                 self.stop.wait(self.every)
         finally:
             connection.close()
@@ -67,16 +75,20 @@ class Feeder(threading.Thread):
 def test_a_lost_message_on_a_busy_queue_is_found_and_only_it_is_published_again(
     worker: WorkerProcess, beat: BeatProcess, user: User
 ) -> None:
-    client = redis.Redis.from_url(settings.CELERY_BROKER_URL)
     feeder = Feeder(user, every=0.05, sleep_ms=30)  # ~20 jobs/s against ~2 workers x 30 ms
     for _ in range(12):  # a backlog, so that the job's message is still waiting when it is removed
-        make_job(user, payload={"sleep_ms": 100})
+        submitted(user, sleep_ms=100)
     feeder.start()
     try:
-        lost = make_job(user, payload={"sleep_ms": 50})
-        where = message_of(client, "default", lost)
-        assert where is not None, "the message was taken before it could be removed"
-        assert client.lrem(where[0], 1, where[1]) == 1
+        if settings.BROKER_IS_REDIS:
+            client = redis.Redis.from_url(settings.CELERY_BROKER_URL)
+            lost = submitted(user, sleep_ms=50)
+            where = message_of(client, "default", lost)
+            assert where is not None, "the message was taken before it could be removed"
+            assert client.lrem(where[0], 1, where[1]) == 1
+        else:  # RabbitMQ hands a message to one consumer at a time: lost on its way there instead
+            with mock.patch("apps.jobs.lifecycle.publish_on_commit"):
+                lost = submitted(user, sleep_ms=50)
         removed_at = time.monotonic()
 
         job = wait_final(lost.pk, timeout=30)
@@ -94,7 +106,7 @@ def test_a_lost_message_on_a_busy_queue_is_found_and_only_it_is_published_again(
     redispatched = round((job.redispatched_at - job.queued_at).total_seconds(), 2)
     assert took < bound, f"took {took:.1f}s (bound {bound:.1f}s): redispatched at {redispatched}s, {timeline}"
     others = [wait_final(fed.pk) for fed in feeder.jobs]
-    assert len(others) > 20
+    assert len(others) >= 10  # the queue was busy all along
     assert all(other.status == Job.Status.SUCCEEDED for other in others)
     assert [other.pk for other in others if other.redispatched_at is not None] == []
 
@@ -102,7 +114,7 @@ def test_a_lost_message_on_a_busy_queue_is_found_and_only_it_is_published_again(
 def test_run_at_is_kept_within_a_second_while_every_worker_slot_is_busy(
     worker: WorkerProcess, beat: BeatProcess, user: User
 ) -> None:
-    blockers = [make_job(user, payload={"sleep_ms": 60_000}) for _ in range(2)]
+    blockers = [submitted(user, sleep_ms=60_000) for _ in range(2)]
     wait_for(lambda: Job.objects.filter(pk__in=[b.pk for b in blockers], status="running").count() == 2)
     start = timezone.now() + timedelta(seconds=2)
     scheduled = [
@@ -127,27 +139,38 @@ def test_run_at_is_kept_within_a_second_while_every_worker_slot_is_busy(
     assert p95 < 1.0, f"p95 {p95:.3f}s, median {statistics.median(late):.3f}s"
 
 
+def cut_broker_connections() -> None:
+    """Every client connection to the broker closed by the server (this session's vhost, on RabbitMQ)."""
+    if settings.BROKER_IS_REDIS:
+        assert redis.Redis.from_url(settings.CELERY_BROKER_URL).client_kill_filter(_type="normal", skipme=True) >= 1
+        return
+    vhost = settings.CELERY_BROKER_URL.rsplit("/", 1)[1]
+    subprocess.run(["rabbitmqctl", "-q", "close_all_connections", "-p", vhost, "a test's blip"], check=True, timeout=60)
+
+
 def test_a_broker_blip_does_not_restart_a_running_job(worker: WorkerProcess, user: User) -> None:
-    client = redis.Redis.from_url(settings.CELERY_BROKER_URL)
-    job = make_job(user, payload={"sleep_ms": 6000})
+    job = submitted(user, sleep_ms=6000)
     wait_for(lambda: Job.objects.get(pk=job.pk).status == "running")
 
     for _ in range(2):
         connected = connections_made(worker)
-        assert client.client_kill_filter(_type="normal", skipme=True) >= 1
+        cut_broker_connections()
         wait_for(lambda n=connected: connections_made(worker) > n, what="the worker to connect to the broker again")
     done = wait_final(job.pk, timeout=30)
 
     assert done.status == Job.Status.SUCCEEDED
     assert done.attempts == 1
     assert list(done.events.values_list("type", flat=True)) == ["queued", "running", "succeeded"]
-    after = make_job(user)  # the worker consumes again
+    after = submitted(user)  # the worker consumes again
     assert wait_final(after.pk).status == Job.Status.SUCCEEDED
 
 
 # --- a broker that restarts -----------------------------------------------------------------------
 
 
+@pytest.mark.skipif(
+    not settings.BROKER_IS_REDIS, reason="restarts a private Redis; the machine's RabbitMQ is shared, not restarted"
+)
 @pytest.mark.usefixtures("no_shared_worker")
 def test_jobs_run_once_each_while_the_broker_restarts(process_env: dict, user: User, tmp_path: Path) -> None:
     broker = PrivateRedis(tmp_path)
@@ -159,7 +182,7 @@ def test_jobs_run_once_each_while_the_broker_restarts(process_env: dict, user: U
         worker.start()
         beat.start()
         try:
-            jobs = [make_job(user, payload={"sleep_ms": 20 + (i % 5) * 20}) for i in range(500)]
+            jobs = [submitted(user, sleep_ms=20 + (i % 5) * 20) for i in range(500)]
             for _ in range(3):
                 # Each restart while the jobs run, once the worker has got on with them since the last
                 # (the messages a restart loses run once the reconciler has published them again).
@@ -184,7 +207,7 @@ def test_a_worker_shutting_down_hands_its_running_job_back_without_burning_an_at
     env = {**process_env, "REMAP_SIGTERM": "SIGQUIT", "CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT": "1"}
     leaving = WorkerProcess(env, tmp_path / "leaving.log")
     leaving.start()
-    job = make_job(user, payload={"sleep_ms": 8000}, max_attempts=1)
+    job = submitted(user, sleep_ms=8000, max_attempts=1)
     wait_for(lambda: Job.objects.get(pk=job.pk).status == "running")
 
     os.killpg(leaving.proc.pid, signal.SIGTERM)  # a deploy: the soft shutdown, then the cold one
