@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN = ROOT / ".run"
@@ -101,24 +101,34 @@ def as_server_user() -> list[str]:
 
 
 def _create_database(url: str) -> None:
+    """The database `url` names, created (through the `postgres` database) only if it is missing."""
     import psycopg
+    from psycopg import sql
 
     parts = urlsplit(url)
-    name = parts.path.lstrip("/") or "conveyor"
+    name = unquote(parts.path.lstrip("/")) or "conveyor"
+    try:
+        psycopg.connect(url, connect_timeout=5).close()
+        return
+    except psycopg.OperationalError as exc:
+        if "does not exist" not in str(exc):
+            raise
     admin = parts._replace(path="/postgres").geturl()
     with psycopg.connect(admin, autocommit=True, connect_timeout=5) as conn:
         if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone():
-            conn.execute(f'CREATE DATABASE "{name}"')
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
 
 
-def ensure_postgres() -> str:
+def ensure_postgres() -> tuple[str, Path | None]:
+    """The database's URL, and the data directory of the private server this call started (None when
+    it found one answering: whoever started that one stops it)."""
     url = os.environ.get("DATABASE_URL") or DEFAULT_DATABASE_URL
     parts = urlsplit(url)
     if not parts.scheme.startswith("postgres"):
         raise SystemExit(f"DATABASE_URL must be a PostgreSQL URL (postgres://...), not {parts.scheme}://")
     if _answers(parts.hostname or "127.0.0.1", parts.port or 5432):
         _create_database(url)
-        return url
+        return url, None
     if parts.hostname not in ("127.0.0.1", "localhost"):
         raise SystemExit(f"nothing answers at DATABASE_URL ({parts.hostname}:{parts.port or 5432})")
     # Nothing answers on this machine: a private server there (on the configured port when one was
@@ -126,7 +136,12 @@ def ensure_postgres() -> str:
     return _private_postgres(parts.port if os.environ.get("DATABASE_URL") else None, parts.path.lstrip("/"))
 
 
-def _private_postgres(port: int | None = None, name: str = "conveyor") -> str:
+def _major(binaries: Path) -> str:
+    version = subprocess.run([str(binaries / "pg_ctl"), "--version"], capture_output=True, text=True).stdout
+    return version.split()[-1].split(".")[0]
+
+
+def _private_postgres(port: int | None = None, name: str = "conveyor") -> tuple[str, Path | None]:
     folder = RUN / "postgres"
     folder.mkdir(parents=True, exist_ok=True)
     folder.chmod(0o700)
@@ -136,12 +151,12 @@ def _private_postgres(port: int | None = None, name: str = "conveyor") -> str:
     url = f"postgres://postgres@127.0.0.1:{port}/{name or 'conveyor'}"
     if _answers("127.0.0.1", port):
         _create_database(url)
-        return url
+        return url, None
     binaries, as_user = postgres_binaries(), as_server_user()
     if as_user:
         user = as_user[1].removeprefix("--reuid=")
         subprocess.run(["chown", "-R", user, str(folder)], check=True)
-    data = folder / "data"
+    data = folder / f"data-{_major(binaries)}"  # one per major version: a data directory is tied to it
     if not (data / "PG_VERSION").exists():
         print(f"starting a private PostgreSQL ({binaries}) in {data}", file=sys.stderr)
         subprocess.run([*as_user, str(binaries / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
@@ -150,19 +165,18 @@ def _private_postgres(port: int | None = None, name: str = "conveyor") -> str:
     log = str(folder / "server.log")
     subprocess.run([*as_user, str(binaries / "pg_ctl"), "-D", str(data), "-o", options, "-l", log, "-w", "start"],
                    check=True, stdout=subprocess.DEVNULL)  # fmt: skip
-    (folder / "started").write_text(str(binaries))
-    _create_database(url)
-    return url
+    try:
+        _create_database(url)
+    except Exception:
+        _stop_postgres(data)
+        raise
+    return url, data
 
 
-def _stop_postgres() -> None:
-    folder = RUN / "postgres"
-    started = folder / "started"
-    if started.exists():
-        binaries = Path(started.read_text())
-        subprocess.run([*as_server_user(), str(binaries / "pg_ctl"), "-D", str(folder / "data"), "-m", "fast", "-w",
-                        "stop"], check=False, stdout=subprocess.DEVNULL)  # fmt: skip
-        started.unlink()
+def _stop_postgres(data: Path) -> None:
+    binaries = postgres_binaries()
+    subprocess.run([*as_server_user(), str(binaries / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"],
+                   check=False, stdout=subprocess.DEVNULL)  # fmt: skip
 
 
 # --- Redis -----------------------------------------------------------------------------------------
@@ -212,22 +226,40 @@ def main() -> None:
     parser.add_argument("action", choices=["up", "down", "run"])
     parser.add_argument("command", nargs=argparse.REMAINDER, help="run: the command to run with them")
     args = parser.parse_args()
+    started = RUN / "postgres" / "started"  # `up` (make run) leaves its server's data directory here
     if args.action == "up":
-        print(f"export DATABASE_URL={ensure_postgres()}")
+        url, data = ensure_postgres()
+        if data:
+            started.write_text(str(data))
+        print(f"export DATABASE_URL={url}")
         print(f"export REDIS_URL={ensure_redis()}")
     elif args.action == "down":
-        _stop_postgres()
+        if started.exists():
+            _stop_postgres(Path(started.read_text()))
+            started.unlink()
         _stop_redis()
     else:
-        # `make test`: PostgreSQL as `up` finds or starts it; the suite starts a Redis of its own
-        # (tests/redis_plugin.py, with the binary `redis_server()` finds). Stopped again after.
-        env = {**os.environ, "DATABASE_URL": ensure_postgres(), "REDIS_SERVER": redis_server()}
-        command = args.command[1:] if args.command[:1] == ["--"] else args.command
-        try:
-            code = subprocess.run(command, env=env, check=False).returncode
-        finally:
-            _stop_postgres()
-        sys.exit(code)
+        sys.exit(run(args.command[1:] if args.command[:1] == ["--"] else args.command))
+
+
+def run(command: list[str]) -> int:
+    """`make test`: `command` with PostgreSQL as `up` finds or starts it (a server this call started
+    is stopped after, whatever happens; one found answering is left alone) and the path of a
+    redis-server for the suite's own (tests/redis_plugin.py). Ctrl-C reaches the command from the
+    terminal and it tears down as it would alone; SIGTERM and SIGHUP are passed on to it."""
+    data = None
+    try:
+        url, data = ensure_postgres()
+        env = {**os.environ, "DATABASE_URL": url, "REDIS_SERVER": redis_server()}
+        child = subprocess.Popen(command, env=env)
+        forward = lambda signum, frame: child.send_signal(signum)  # noqa: E731
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, forward)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the terminal sends it to the child too
+        return child.wait()
+    finally:
+        if data:
+            _stop_postgres(data)
 
 
 if __name__ == "__main__":

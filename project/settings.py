@@ -31,7 +31,21 @@ class SecretFiles(environ.FileAwareMapping):
 
 
 class Env(environ.Env):
+    """django-environ's reader, on `SecretFiles`, without its proxies: a value starting with `$` (a
+    generated password may) is that value, not the name of another variable."""
+
     ENVIRON = SecretFiles()
+
+    def get_value(
+        self, var_name: str, cast: object = None, default: object = environ.Env.NOTSET, parse_default: bool = False
+    ) -> object:
+        try:
+            raw = self.ENVIRON[var_name]
+        except KeyError:
+            return super().get_value(var_name, cast=cast, default=default, parse_default=parse_default)
+        if not (isinstance(raw, str) and raw.startswith("$")):
+            return super().get_value(var_name, cast=cast, default=default, parse_default=parse_default)
+        return self.parse_value(raw, cast) if cast is not None else raw
 
 
 env = Env()
@@ -96,9 +110,25 @@ TEMPLATES = [
 # --- Database -------------------------------------------------------------------------------
 # PostgreSQL, from a laptop (`make run` starts a private one when none answers) to production: the
 # hot path's statements (RETURNING, COPY, the database's clock for leases) are PostgreSQL's.
-DATABASES = {"default": env.db("DATABASE_URL", default="postgres://postgres@127.0.0.1:5432/conveyor")}
+try:
+    DATABASES = {"default": env.db("DATABASE_URL", default="postgres://postgres@127.0.0.1:5432/conveyor")}
+except (ValueError, KeyError):  # the parser's message may quote part of the password: not repeated
+    raise ImproperlyConfigured(
+        "DATABASE_URL is empty or not a valid URL (percent-encode characters such as # / @ in the password)"
+    ) from None
 if DATABASES["default"]["ENGINE"] != "django.db.backends.postgresql":
     raise ImproperlyConfigured("DATABASE_URL must name a PostgreSQL database (postgres://...)")
+# A connection whose peer went silent (a partition, a host gone) fails within seconds instead of
+# hanging on TCP's retransmissions for minutes: so a worker cut off from the database notices, and
+# stops its jobs before their leases run out (tasks/leases.py). Keepalives find idle ones.
+DATABASES["default"]["OPTIONS"] = {
+    "connect_timeout": env.int("DB_CONNECT_TIMEOUT_SECONDS", default=5),
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": int(env.float("DB_TCP_USER_TIMEOUT_SECONDS", default=10.0) * 1000),
+}
 if DB_POOL_SIZE := env.int("DB_POOL_SIZE", default=0):
     # A connection pool per process (psycopg's): what the ASGI web process uses, where requests run
     # in threads of their own and a persistent connection per thread would pile up (the Procfile
@@ -106,7 +136,7 @@ if DB_POOL_SIZE := env.int("DB_POOL_SIZE", default=0):
     # A request waits at most DB_POOL_TIMEOUT seconds for a connection: with the database down, the
     # API answers 503 that soon.
     timeout = env.float("DB_POOL_TIMEOUT", default=3.0)
-    DATABASES["default"]["OPTIONS"] = {"pool": {"min_size": 1, "max_size": DB_POOL_SIZE, "timeout": timeout}}
+    DATABASES["default"]["OPTIONS"]["pool"] = {"min_size": 1, "max_size": DB_POOL_SIZE, "timeout": timeout}
     DATABASES["default"]["CONN_MAX_AGE"] = 0
 else:
     DATABASES["default"].setdefault("CONN_MAX_AGE", env.int("DB_CONN_MAX_AGE", default=60))
@@ -180,7 +210,8 @@ else:
     # RabbitMQ: classic queues, whose x-max-priority gives the four priorities (a quorum queue has two
     # priority levels before RabbitMQ 4.3). Publisher confirms: a submission returns once the broker
     # has the message. The server's `consumer_timeout` (30 min by default) must exceed the longest
-    # job (JOBS_MAX_TIMEOUT_SECONDS): a late-acked message held longer closes the worker's channel.
+    # retry delay plus the longest job plus its hard grace: a late-acked message held longer closes
+    # the worker's channel (README: Redis or RabbitMQ as the broker).
     CELERY_BROKER_TRANSPORT_OPTIONS = {"confirm_publish": True, "connect_timeout": 2, "max_retries": 1}
     CELERY_TASK_QUEUES = [
         Queue(

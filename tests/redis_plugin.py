@@ -37,7 +37,7 @@ def _start() -> str:
          "--maxmemory-policy", "noeviction", "--dir", workdir],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
-    atexit.register(lambda: (proc.kill(), proc.wait()))
+    atexit.register(lambda: (proc.kill(), proc.wait(), shutil.rmtree(workdir, ignore_errors=True)))
     for _ in range(100):
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.2).close()

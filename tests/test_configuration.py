@@ -119,3 +119,16 @@ def test_https_only_redirects_plain_http_but_not_the_probes(settings) -> None:
     assert client.get("/api/health/").status_code in (200, 503)  # answered, not redirected
     assert client.get("/metrics").status_code in (401, 403)
     assert client.get("/api/jobs/", secure=True).status_code == 401
+
+
+def test_a_secret_starting_with_a_dollar_is_itself_and_a_bad_database_url_is_not_quoted(tmp_path: Path) -> None:
+    key = "$" + secrets.token_urlsafe(50)  # a generated password may start so: not another variable's name
+    (tmp_path / "secret_key").write_text(key)
+    loaded = settings_in_child({"SECRET_KEY_FILE": str(tmp_path / "secret_key"), "DEBUG": "false"}, "SECRET_KEY")
+    assert loaded.returncode == 0, loaded.stderr[-2000:]
+    assert json.loads(loaded.stdout)["SECRET_KEY"] == key
+
+    bad = settings_in_child({"DATABASE_URL": "postgres://app:s3cr#t/Pw@db:5432/conveyor", "DEBUG": "true"}, "DEBUG")
+    assert bad.returncode != 0
+    assert "DATABASE_URL is empty or not a valid URL" in bad.stderr
+    assert "s3cr" not in bad.stderr
