@@ -80,6 +80,19 @@ def wait_final(job_id: object, timeout: float = 20) -> Job:
     )
 
 
+def stop_group(proc: subprocess.Popen | None, grace: float) -> None:
+    """Stop a process started in a session of its own, as a supervisor does: SIGTERM to its group,
+    then SIGKILL if it has not exited within `grace` seconds."""
+    if proc is None or proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 class WorkerProcess:
     """`celery worker` (prefork, 2 processes, unless `pool` says otherwise) in its own process group,
     against the test database."""
@@ -118,13 +131,7 @@ class WorkerProcess:
             return False
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_group(self.proc, grace=15)
         self.proc = None
 
     def kill(self) -> None:
@@ -162,13 +169,7 @@ class BeatProcess:
         return "beat: Starting..." in (self.folder / "beat.log").read_text(errors="replace")
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_group(self.proc, grace=10)
         self.proc = None
 
 

@@ -7,7 +7,6 @@ import json
 import os
 import re
 import shlex
-import signal
 import subprocess
 import sys
 import urllib.error
@@ -21,7 +20,16 @@ from rest_framework.test import APIClient
 from tornado.web import RequestHandler, StaticFileHandler
 
 from project.flower import CredentialsError, configured_credentials
-from tests.conftest import ROOT, PrivateRedis, WorkerProcess, _free_port, publishing_to, wait_final, wait_for
+from tests.conftest import (
+    ROOT,
+    PrivateRedis,
+    WorkerProcess,
+    _free_port,
+    publishing_to,
+    stop_group,
+    wait_final,
+    wait_for,
+)
 from tests.factories import submit
 
 CREDENTIALS = "watcher:s3cret-pass"
@@ -99,13 +107,7 @@ class FlowerProcess:
         return json.loads(body)
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)  # as honcho stops it: Flower saves its state and exits
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_group(self.proc, grace=10)  # as honcho stops it: Flower saves its state and exits
         self.proc = None
 
 

@@ -125,7 +125,7 @@ def create_jobs(jobs: list[Job]) -> list[Job]:
         else:
             job.status, job.queued_at = Status.QUEUED, now
     queued = [job for job in jobs if job.status == Status.QUEUED]
-    admitted = fairness.admit(queued) if fairness.enabled() else queued  # the rest held: see fairness
+    admitted = fairness.admit(queued)  # the rest held: see fairness
     sql.insert_jobs(jobs, [JobEvent(job_id=job.id, at=now, type=job.status, status=job.status) for job in jobs])
     publish_on_commit(admitted)
     return jobs
@@ -326,7 +326,7 @@ def replay(job_id: UUID) -> bool:
     """A user's retry: run a failed, timed-out or cancelled job again from its first attempt (this
     replays a dead letter), published once committed."""
     job = Job.objects.get(pk=job_id)
-    admitted = fairness.admit([job]) if fairness.enabled() else [job]
+    admitted = fairness.admit([job])
     won = _transition(
         job,
         RETRYABLE_FINAL,
@@ -356,7 +356,7 @@ def replay(job_id: UUID) -> bool:
 
 def promote(job: Job) -> bool:
     """A scheduled job whose time has come joins its queue (published once committed, unless held)."""
-    admitted = fairness.admit([job]) if fairness.enabled() else [job]
+    admitted = fairness.admit([job])
     won = _transition(job, [Status.SCHEDULED], Status.QUEUED, event=Event.QUEUED, message="scheduled time reached",
                       queued_at=timezone.now(), held_at=job.held_at)  # fmt: skip
     if won and admitted:
