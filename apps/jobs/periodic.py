@@ -19,7 +19,6 @@ import json
 import logging
 import math
 from datetime import UTC, datetime, time, timedelta
-from types import SimpleNamespace
 from typing import Any
 
 from django.core.exceptions import ValidationError
@@ -112,21 +111,19 @@ def refusal(template: JobTemplate) -> dict[str, Any] | None:
     """Why the API would refuse the template's job today (field -> reasons), or None. The admin
     shows it when the template is saved; a template refused later (its owner lost a permission, a
     kind's schema changed) records it in `last_error` at each period."""
-    from apps.jobs.api.serializers import JobSubmitSerializer
-
     if not template.owner_id or not template.owner.is_active:
         return {"owner": ["The owner must be an active user."]}
-    checked = JobSubmitSerializer(data=submission(template), context={"request": SimpleNamespace(user=template.owner)})
     try:
-        if checked.is_valid():
-            return None
+        services.validated_as(template.owner, submission(template))
+    except services.SubmissionRefused as exc:
+        return exc.errors
     except Throttled:  # today's token budget is spent: tomorrow's periods may run
         return None
     except PermissionDenied as exc:  # a permission the owner lacks (a high priority)
         return {"priority": [str(exc.detail)]}
     except APIException as exc:  # too large, say
         return {"payload": [str(exc.detail)]}
-    return checked.errors
+    return None
 
 
 def run(template_id: int, now: datetime | None = None) -> Job | None:

@@ -94,15 +94,21 @@ class SubmissionRefused(ValueError):
 def submit_as(username: str, data: dict[str, Any], *, job_id: UUID | None = None) -> tuple[Job, bool]:
     """A submission from outside the API (the Celery `conveyor.submit` task, `manage.py jobs submit`)
     for the user `username`: the API's own validation, then the same path as `POST /api/jobs/`."""
-    from apps.jobs.api.serializers import JobSubmitSerializer
-
     owner = get_user_model().objects.filter(username=username, is_active=True).first()
     if owner is None:
         raise SubmissionRefused({"owner": [f"No active user {username!r}."]})
+    return submit_job(owner, validated_as(owner, data), job_id=job_id)
+
+
+def validated_as(owner: AbstractBaseUser, data: dict[str, Any]) -> dict[str, Any]:
+    """`data` checked as `POST /api/jobs/` checks it for `owner`: the submission's fields, or
+    SubmissionRefused (and the API's own exceptions for a missing permission or a spent budget)."""
+    from apps.jobs.api.serializers import JobSubmitSerializer
+
     submitted = JobSubmitSerializer(data=data, context={"request": SimpleNamespace(user=owner)})
     if not submitted.is_valid():
         raise SubmissionRefused(submitted.errors)
-    return submit_job(owner, dict(submitted.validated_data), job_id=job_id)
+    return dict(submitted.validated_data)
 
 
 def find_duplicate(owner: AbstractBaseUser, dedupe_key: str) -> Job | None:
